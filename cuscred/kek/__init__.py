@@ -1,0 +1,1 @@
+"""KEK sources (see :mod:`cuscred.kek.source`)."""
