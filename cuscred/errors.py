@@ -184,6 +184,13 @@ class ConcurrentUpdateError(CuscredError):
     code = "concurrent_update"
 
 
+class StorageError(CuscredError):
+    """The database could not be reached or failed the operation; nothing was changed."""
+
+    retryable = True
+    code = "storage_error"
+
+
 class AuditWriteError(CuscredError):
     """The audit event could not be written, so the access it records did not happen."""
 
@@ -214,6 +221,7 @@ __all__ = [
     "ScopeError",
     "SecretVersionDeletedError",
     "SecretVersionDestroyedError",
+    "StorageError",
     "VaultError",
     "VaultUnavailableError",
 ]

@@ -1,0 +1,90 @@
+"""Build the object graph from :class:`~cuscred.config.Settings`, in one place.
+
+Every process (CLI, worker, the platform's own app) calls :func:`build_runtime` once at start-up
+with settings it read with :meth:`Settings.from_env`. Nothing here runs at import time.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from sqlalchemy import Engine
+from sqlalchemy.orm import Session, sessionmaker
+
+from cuscred.config import KekSourceKind, Settings
+from cuscred.db.session import make_engine, make_session_factory
+from cuscred.kek.local import LocalKeyring
+from cuscred.kek.source import KekSource
+from cuscred.kek.vault import VaultKekSource
+from cuscred.services.audit import AuditKeys, AuditLog
+from cuscred.services.credentials import CredentialService
+from cuscred.services.key_admin import KeyAdmin
+from cuscred.services.keys import KeyManager
+from cuscred.vault.client import VaultKV, build_vault_client
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """The long-lived objects of one process."""
+
+    settings: Settings
+    engine: Engine
+    sessions: sessionmaker[Session]
+    keys: KeyManager
+    audit: AuditLog
+    vault_kv: VaultKV | None
+
+    def __repr__(self) -> str:
+        return f"<Runtime env={self.settings.env} kek_source={self.settings.kek_source}>"
+
+    def credential_service(
+        self, *, environ: Mapping[str, str] | None = None, actor: str | None = None
+    ) -> CredentialService:
+        return CredentialService(
+            self.settings, self.sessions, self.keys, self.audit,
+            vault_kv=self.vault_kv, environ=environ, actor=actor,
+        )
+
+    def key_admin(self, *, actor: str | None = None) -> KeyAdmin:
+        return KeyAdmin(self.sessions, self.keys, self.audit, actor or self.settings.default_actor)
+
+    def dispose(self) -> None:
+        """Close pooled connections (call in a child process after fork)."""
+        self.engine.dispose(close=False)
+        self.keys.clear_caches()
+
+
+def build_vault_kv(settings: Settings) -> VaultKV | None:
+    """A Vault KV client if Vault is configured (KEK source, or tokens for references)."""
+    wants_vault = settings.kek_source is KekSourceKind.VAULT or (
+        settings.vault_token is not None or settings.vault_role_id is not None
+    )
+    return VaultKV.from_settings(settings) if wants_vault else None
+
+
+def build_kek_source(settings: Settings, vault_kv: VaultKV | None) -> KekSource:
+    if settings.kek_source is KekSourceKind.VAULT:
+        assert vault_kv is not None  # settings validation requires Vault credentials
+        return VaultKekSource(vault_kv, settings.vault_kek_mount, settings.vault_kek_path)
+    return LocalKeyring(settings.keyring_path)
+
+
+def build_runtime(settings: Settings, *, engine: Engine | None = None) -> Runtime:
+    """Engine, keys and audit log for ``settings``. Makes no network call by itself."""
+    engine = engine or make_engine(settings.database_url, hide_parameters=True)
+    sessions = make_session_factory(engine)
+    vault_kv = build_vault_kv(settings)
+    keys = KeyManager(build_kek_source(settings, vault_kv), settings)
+    audit = AuditLog(AuditKeys(keys.kek, keys.cached_active_kek_version))
+    return Runtime(settings, engine, sessions, keys, audit, vault_kv)
+
+
+def build_service(
+    settings: Settings, *, environ: Mapping[str, str] | None = None, actor: str | None = None
+) -> CredentialService:
+    """Shortcut for the common case: one service over a new runtime."""
+    return build_runtime(settings).credential_service(environ=environ, actor=actor)
+
+
+__all__ = ["Runtime", "build_kek_source", "build_runtime", "build_service", "build_vault_kv"]

@@ -1,0 +1,118 @@
+"""Audit every attempt: successes inside the access's own transaction, failures afterwards.
+
+A successful access writes its audit row in the same transaction as the access itself, as the
+last statement before commit; if that row cannot be written, the transaction rolls back and the
+caller gets :class:`~cuscred.errors.AuditWriteError` instead of the value. A failed attempt is
+recorded in a fresh transaction after the failed one rolled back, then the original error is
+re-raised unchanged (with a note if even the failure could not be recorded).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.orm import Session, sessionmaker
+
+from cuscred.errors import (
+    CuscredError,
+    EnvReferenceDisabledError,
+    PermissionDeniedError,
+    ScopeError,
+    StorageError,
+)
+from cuscred.references import EncryptedRef, parse_reference
+from cuscred.services.audit import AuditLog, AuditRecord, Outcome, fingerprint_reference
+
+_DENIALS = (ScopeError, PermissionDeniedError, EnvReferenceDisabledError)
+_SAFE_TENANT = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
+
+
+@dataclass(slots=True)
+class Attempt:
+    """What an audited call is about; filled in as the call learns more."""
+
+    action: str
+    actor: str
+    tenant_id: str | None
+    credential_id: str | None = None
+    ref_fingerprint: str | None = None
+    #: Set when the call refuses for a reason the caller must not learn (e.g. cross-tenant).
+    denied_reason: str | None = None
+    success_reason: str | None = field(default=None)
+
+    def success(self) -> AuditRecord:
+        return AuditRecord(
+            action=self.action, outcome=Outcome.SUCCESS, actor=self.actor,
+            tenant_id=self.tenant_id, credential_id=self.credential_id,
+            ref_fingerprint=self.ref_fingerprint, reason=self.success_reason,
+        )
+
+    def failure(self, exc: CuscredError) -> AuditRecord:
+        denied = self.denied_reason is not None or isinstance(exc, _DENIALS)
+        return AuditRecord(
+            action=self.action, outcome=Outcome.DENIED if denied else Outcome.FAILURE,
+            actor=self.actor, tenant_id=self.tenant_id, credential_id=self.credential_id,
+            ref_fingerprint=self.ref_fingerprint, reason=self.denied_reason or exc.code,
+        )
+
+
+class AttemptRecorder:
+    """Opens audited attempts for the credential service."""
+
+    def __init__(self, sessions: sessionmaker[Session], audit: AuditLog) -> None:
+        self._sessions = sessions
+        self._audit = audit
+
+    @contextmanager
+    def attempt(
+        self, action: str, actor: str, tenant_id: object, reference: object = None
+    ) -> Iterator[Attempt]:
+        """Yield an :class:`Attempt`; on a library error, audit the failure and re-raise.
+
+        Database errors are turned into :class:`StorageError` (with parameters hidden by the
+        engine, so no SQL value reaches a message) before being audited.
+        """
+        tenant = tenant_id if isinstance(tenant_id, str) and _SAFE_TENANT.match(tenant_id) else None
+        attempt = Attempt(action=action, actor=actor, tenant_id=tenant)
+        self._identify(attempt, reference)
+        try:
+            yield attempt
+        except SQLAlchemyError as exc:
+            error = StorageError("database error; nothing was changed")
+            self._record_failure(attempt, error)
+            raise error from exc
+        except CuscredError as exc:
+            self._record_failure(attempt, exc)
+            raise
+
+    def _identify(self, attempt: Attempt, reference: object) -> None:
+        if not isinstance(reference, str):
+            return
+        try:
+            parsed = parse_reference(reference)
+        except CuscredError:
+            parsed = None
+        if isinstance(parsed, EncryptedRef):
+            attempt.credential_id = parsed.credential_id
+            return
+        try:
+            with self._sessions() as session:
+                attempt.ref_fingerprint = fingerprint_reference(
+                    self._audit.keys, session, reference
+                )
+        except (CuscredError, SQLAlchemyError):
+            attempt.ref_fingerprint = None  # no KEK to key it with; the row still records the try
+
+    def _record_failure(self, attempt: Attempt, exc: CuscredError) -> None:
+        try:
+            with self._sessions.begin() as session:
+                self._audit.append(session, [attempt.failure(exc)])
+        except (CuscredError, SQLAlchemyError):
+            exc.add_note("the failed attempt could not be written to the audit trail")
+
+
+__all__ = ["Attempt", "AttemptRecorder"]

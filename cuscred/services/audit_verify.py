@@ -1,0 +1,83 @@
+"""Verify the audit chain and report the first row that was edited, inserted or deleted.
+
+Walks the table in ``seq`` order and checks, for every row: that ``seq`` is the previous plus
+one (else rows were deleted), that ``prev_mac`` equals the previous row's ``mac`` (else the chain
+was cut), and that ``mac`` recomputes under the audit key of the row's KEK version (else the row
+was edited or forged). A forged row is told apart from an edited one by looking one row ahead:
+if the next row links to the row *before* it, it was inserted.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from cuscred.db.models import AuditEvent
+from cuscred.errors import CuscredError
+from cuscred.services.audit import GENESIS_MAC, AuditKeys, compute_mac
+
+_TABLE = AuditEvent.__table__
+_FIELDS = (
+    "seq", "ts", "actor", "tenant_id", "credential_id", "ref_fingerprint",
+    "action", "outcome", "reason", "key_version", "prev_mac", "mac",
+)
+
+
+@dataclass(frozen=True, slots=True)
+class VerifyReport:
+    """Result of a chain walk. ``ok`` is True only if every row checked out."""
+
+    ok: bool
+    rows_checked: int
+    head_seq: int
+    head_mac: str
+    problem: str | None = None  # "edited", "inserted", "deleted", "unverifiable"
+    problem_seq: int | None = None
+    detail: str | None = None
+
+
+def verify_chain(session: Session, keys: AuditKeys, *, batch: int = 5000) -> VerifyReport:
+    """Check the whole chain. Never raises for a broken chain: it reports it."""
+    rows = session.execute(select(*(_TABLE.c[f] for f in _FIELDS)).order_by(_TABLE.c.seq))
+    prev_seq, prev_mac, checked = 0, GENESIS_MAC, 0
+    pending: dict[str, Any] | None = None
+    for mapping in rows.mappings().yield_per(batch):
+        row = dict(mapping)
+        if pending is not None:
+            # The previous row's MAC failed; decide edited vs inserted from this row's link.
+            kind = "inserted" if row["prev_mac"] == pending["prev_mac"] else "edited"
+            return _broken(kind, pending["seq"], checked, prev_seq, prev_mac)
+        if row["seq"] != prev_seq + 1:
+            detail = f"rows {prev_seq + 1}..{row['seq'] - 1} are missing"
+            return _broken("deleted", prev_seq + 1, checked, prev_seq, prev_mac, detail)
+        if row["prev_mac"] != prev_mac:
+            return _broken("deleted", row["seq"], checked, prev_seq, prev_mac,
+                           "the row does not link to its predecessor")
+        try:
+            key = keys.for_version(int(row["key_version"]))
+        except CuscredError as exc:
+            return _broken("unverifiable", row["seq"], checked, prev_seq, prev_mac,
+                           f"KEK version {row['key_version']} unavailable ({exc.code})")
+        if compute_mac(key, prev_mac, row) != row["mac"]:
+            pending = row
+            continue
+        prev_seq, prev_mac, checked = row["seq"], row["mac"], checked + 1
+    if pending is not None:
+        return _broken("edited", pending["seq"], checked, prev_seq, prev_mac,
+                       "the last row does not match its MAC")
+    return VerifyReport(ok=True, rows_checked=checked, head_seq=prev_seq, head_mac=prev_mac)
+
+
+def _broken(
+    kind: str, seq: int, checked: int, prev_seq: int, prev_mac: str, detail: str | None = None
+) -> VerifyReport:
+    return VerifyReport(
+        ok=False, rows_checked=checked, head_seq=prev_seq, head_mac=prev_mac,
+        problem=kind, problem_seq=seq, detail=detail,
+    )
+
+
+__all__ = ["VerifyReport", "verify_chain"]

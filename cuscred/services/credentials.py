@@ -1,0 +1,263 @@
+"""``CredentialService``: the public API the platform's code calls.
+
+The names and argument order of the first seven methods are the public contract (DESIGN.md).
+Every call is one database transaction that ends with its audit event; a failed call writes a
+``denied`` or ``failure`` event afterwards and re-raises a typed error (see
+:mod:`cuscred.services.attempts`). Plaintexts exist only as local variables of these methods:
+they are never logged, stored, put in an exception or cached.
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+from collections.abc import Mapping
+from typing import Any
+
+from sqlalchemy import select, update
+from sqlalchemy.orm import Session, sessionmaker
+
+from cuscred.config import Settings
+from cuscred.db.models import Credential, utcnow
+from cuscred.errors import ConcurrentUpdateError, CredentialNotFoundError, InvalidInputError
+from cuscred.ids import new_credential_id
+from cuscred.masking import mask_credential, masked_hint
+from cuscred.providers import detect_provider
+from cuscred.references import EncryptedRef, VaultRef, parse_reference
+from cuscred.references import validate_credential_format as _validate_format
+from cuscred.services.attempts import Attempt, AttemptRecorder
+from cuscred.services.audit import AuditLog
+from cuscred.services.catalog import CredentialCatalog, CredentialInfo, as_encrypted_ref
+from cuscred.services.external import resolve_env, resolve_vault
+from cuscred.services.keys import KeyManager
+from cuscred.services.sealing import context_from_json, context_to_json, open_row, seal_with
+from cuscred.validation import validate_context, validate_secret, validate_tenant_id
+from cuscred.vault.client import VaultKV
+
+_CRED = Credential.__table__
+_ROW = (
+    _CRED.c.pk, _CRED.c.tenant_id, _CRED.c.ciphertext, _CRED.c.kek_version,
+    _CRED.c.key_generation, _CRED.c.fingerprint, _CRED.c.row_version, _CRED.c.context_json,
+)
+
+
+class CredentialService(CredentialCatalog):
+    """Store, resolve and rotate tenants' provider credentials."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        sessions: sessionmaker[Session],
+        keys: KeyManager,
+        audit: AuditLog,
+        *,
+        vault_kv: VaultKV | None = None,
+        environ: Mapping[str, str] | None = None,
+        actor: str | None = None,
+    ) -> None:
+        super().__init__(
+            sessions, keys, audit, AttemptRecorder(sessions, audit),
+            actor or settings.default_actor,
+        )
+        self.settings = settings
+        self._vault_kv = vault_kv
+        self._environ = os.environ if environ is None else environ
+
+    def __repr__(self) -> str:
+        return f"<CredentialService actor={self.actor!r} keys={self._keys!r}>"
+
+    # --- the public contract ----------------------------------------------------------------
+
+    def encrypt_credential(
+        self,
+        tenant_id: str,
+        plaintext: str,
+        context: Mapping[str, str] | None = None,
+        *,
+        actor: str | None = None,
+        strip: bool = False,
+    ) -> str:
+        """Store ``plaintext`` for ``tenant_id``; return ``encrypted://<credential id>``.
+
+        Raises :class:`~cuscred.errors.InvalidInputError` subclasses for a bad tenant id,
+        secret or context (nothing is stored), :class:`~cuscred.errors.AuditWriteError` /
+        :class:`~cuscred.errors.StorageError` if the row or its audit event cannot be written.
+        """
+        with self._attempts.attempt("encrypt", actor or self.actor, tenant_id) as attempt:
+            tenant = validate_tenant_id(tenant_id)
+            secret = validate_secret(plaintext, max_bytes=self.settings.max_secret_bytes,
+                                     strip=strip)
+            ctx = validate_context(context)
+            credential_id = attempt.credential_id = new_credential_id()
+            with self._sessions.begin() as session:
+                key = self._write_key(session, tenant)
+                sealed = seal_with(key, secret.encode(), credential_id=credential_id, context=ctx)
+                session.execute(_CRED.insert().values(
+                    credential_id=credential_id, tenant_id=tenant,
+                    provider=detect_provider(secret), masked=masked_hint(secret),
+                    context_json=context_to_json(ctx), ciphertext=sealed.ciphertext,
+                    kek_version=sealed.kek_version, key_generation=sealed.key_generation,
+                    fingerprint=sealed.fingerprint, row_version=1, created_at=utcnow(),
+                ))
+                self._audit.append(session, [attempt.success()])
+            return str(EncryptedRef(credential_id))
+
+    def decrypt_credential(
+        self,
+        tenant_id: str,
+        credential_ref: str,
+        context: Mapping[str, str] | None = None,
+        *,
+        actor: str | None = None,
+    ) -> str:
+        """Decrypt the tenant's ``encrypted://`` credential.
+
+        Raises :class:`~cuscred.errors.MalformedReferenceError` for anything but an
+        ``encrypted://`` reference, :class:`~cuscred.errors.CredentialNotFoundError` when the id
+        is not one of this tenant's credentials (another tenant's id included),
+        :class:`~cuscred.errors.DecryptionError` for any failure to authenticate the value.
+        """
+        return self._open("decrypt", tenant_id, credential_ref, context, actor, vault_ok=False)
+
+    def resolve_credential(
+        self,
+        tenant_id: str,
+        credential_ref: str,
+        context: Mapping[str, str] | None = None,
+        *,
+        actor: str | None = None,
+    ) -> str:
+        """Return the secret behind any reference, right before it is used.
+
+        ``encrypted://`` as :meth:`decrypt_credential`; ``vault://`` only inside the tenant's
+        prefix (:class:`~cuscred.errors.ScopeError` otherwise, before any request), raising the
+        Vault errors (not found, deleted, destroyed, permission denied, unavailable, field
+        missing); ``env://`` in development mode only, for prefixed names.
+        """
+        return self._open("resolve", tenant_id, credential_ref, context, actor, vault_ok=True)
+
+    def rotate_credential(
+        self,
+        tenant_id: str,
+        old_credential_ref: str,
+        new_plaintext: str,
+        context: Mapping[str, str] | None = None,
+        *,
+        actor: str | None = None,
+        strip: bool = False,
+    ) -> tuple[str, bool]:
+        """Replace the secret behind ``old_credential_ref``; the reference stays valid.
+
+        Returns ``(reference, changed)``; ``changed`` is False when the new value equals the
+        stored one, decided by comparing keyed fingerprints (no plaintext is kept or decrypted).
+        ``context=None`` keeps the stored context. Raises as :meth:`encrypt_credential` and
+        :meth:`decrypt_credential`, and :class:`~cuscred.errors.ConcurrentUpdateError` if the
+        row changed during the call (nothing written; retry).
+        """
+        with self._attempts.attempt(
+            "rotate", actor or self.actor, tenant_id, old_credential_ref
+        ) as attempt:
+            tenant = validate_tenant_id(tenant_id)
+            ref = as_encrypted_ref(old_credential_ref)
+            secret = validate_secret(new_plaintext, max_bytes=self.settings.max_secret_bytes,
+                                     strip=strip)
+            with self._sessions.begin() as session:
+                row = self._own_row(session, attempt, tenant, ref.credential_id)
+                ctx = context_from_json(row.context_json) if context is None else (
+                    validate_context(context))
+                old_key = self._keys.tenant_key(session, tenant, row.key_generation,
+                                                row.kek_version)
+                unchanged = old_key.fingerprint(secret.encode()) == bytes(row.fingerprint) and (
+                    context_to_json(ctx) == row.context_json)
+                if unchanged:
+                    attempt.success_reason = "unchanged"
+                else:
+                    self._replace(session, row, ref.credential_id, tenant, secret, ctx)
+                self._audit.append(session, [attempt.success()])
+            return str(ref), not unchanged
+
+    @staticmethod
+    def validate_credential_format(credential_ref: str) -> tuple[bool, str]:
+        """Check a reference's syntax without any I/O: ``(ok, what is wrong or what it is)``."""
+        return _validate_format(credential_ref)
+
+    @staticmethod
+    def generate_master_key() -> str:
+        """32 random bytes from the OS CSPRNG, standard base64 (44 characters)."""
+        return base64.b64encode(os.urandom(32)).decode()
+
+    @staticmethod
+    def mask_credential(value_or_ref: str) -> str:
+        """A display form of a secret or reference that reveals at most a known prefix and
+        the last 4 characters (see :mod:`cuscred.masking`)."""
+        return mask_credential(value_or_ref)
+
+    # --- internals --------------------------------------------------------------------------
+
+    def _open(
+        self, action: str, tenant_id: str, credential_ref: str,
+        context: Mapping[str, str] | None, actor: str | None, *, vault_ok: bool,
+    ) -> str:
+        with self._attempts.attempt(action, actor or self.actor, tenant_id, credential_ref) as at:
+            tenant = validate_tenant_id(tenant_id)
+            ctx = validate_context(context)
+            ref = parse_reference(credential_ref)
+            if not isinstance(ref, EncryptedRef):
+                if not vault_ok:
+                    raise InvalidInputError(
+                        "decrypt_credential takes encrypted:// references; "
+                        "use resolve_credential for vault:// and env://"
+                    )
+                value = (resolve_vault(ref, tenant, self.settings, self._vault_kv)
+                         if isinstance(ref, VaultRef)
+                         else resolve_env(ref, self.settings, self._environ))
+                with self._sessions.begin() as session:
+                    self._audit.append(session, [at.success()])
+                return value
+            with self._sessions.begin() as session:
+                row = self._own_row(session, at, tenant, ref.credential_id)
+                plaintext = open_row(
+                    self._keys, session, tenant_id=tenant, credential_id=ref.credential_id,
+                    ciphertext=bytes(row.ciphertext), kek_version=row.kek_version,
+                    key_generation=row.key_generation, context=ctx,
+                )
+                self._audit.append(session, [at.success()])
+            return plaintext.decode()
+
+    def _own_row(self, session: Session, attempt: Attempt, tenant: str, credential_id: str) -> Any:
+        row = session.execute(select(*_ROW).where(_CRED.c.credential_id == credential_id)).first()
+        if row is None or row.tenant_id != tenant:
+            if row is not None:
+                attempt.denied_reason = "cross_tenant"  # audited; the caller sees "not found"
+            raise CredentialNotFoundError(f"no credential {credential_id} for this tenant")
+        return row
+
+    def _write_key(self, session: Session, tenant: str) -> Any:
+        kek_version = self._keys.active_kek_version(session)
+        generation = self._keys.active_generation(session, tenant, create=True)
+        assert generation is not None  # create=True always yields one
+        return self._keys.tenant_key(session, tenant, generation, kek_version)
+
+    def _replace(
+        self, session: Session, row: Any, credential_id: str, tenant: str, secret: str,
+        ctx: Mapping[str, str],
+    ) -> None:
+        key = self._write_key(session, tenant)
+        sealed = seal_with(key, secret.encode(), credential_id=credential_id, context=ctx)
+        now = utcnow()
+        result = session.execute(
+            update(_CRED)
+            .where(_CRED.c.pk == row.pk, _CRED.c.row_version == row.row_version)
+            .values(
+                ciphertext=sealed.ciphertext, kek_version=sealed.kek_version,
+                key_generation=sealed.key_generation, fingerprint=sealed.fingerprint,
+                provider=detect_provider(secret), masked=masked_hint(secret),
+                context_json=context_to_json(ctx), row_version=row.row_version + 1,
+                rotated_at=now,
+            )
+        )
+        if result.rowcount != 1:  # type: ignore[attr-defined]
+            raise ConcurrentUpdateError("the credential changed during rotation; retry")
+
+
+__all__ = ["CredentialInfo", "CredentialService"]

@@ -1,0 +1,306 @@
+"""Key management: KEK versions and their states, tenant key generations, derived-key caches.
+
+Key material comes from a :class:`~cuscred.kek.source.KekSource`; *which* version does what is
+recorded in ``kek_versions`` (exactly one ``active``, enforced by a partial unique index). The
+version-window invariants live in :func:`check_transition`, one function, as Vault's transit
+``policy.go`` keeps them.
+
+Caches (per process, bounded, TTL'd, never persisted or pickled):
+
+* KEKs by version, so a worker fetches each version from Vault once per TTL, not per row;
+* derived tenant keys by (tenant, generation, KEK version);
+* tenant key parameters (salt, KDF) by (tenant, generation): immutable rows;
+* KEK version states, for ``key_state_ttl_s`` seconds. Only the *read* path trusts this cache:
+  writes read the active version inside their own transaction, so after a promotion no process
+  keeps encrypting under the old version.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from dataclasses import dataclass
+
+from cachetools import LRUCache, TTLCache
+from sqlalchemy import func, select, update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from cuscred.config import KdfName, Settings
+from cuscred.crypto.kdf import KdfParams, derive_tenant_key
+from cuscred.crypto.keys import Kek, TenantKey
+from cuscred.db.models import Credential, KekVersion, KeyState, TenantKeyRow, utcnow
+from cuscred.errors import ConfigurationError, DecryptionError, KeyStateError
+from cuscred.kek.source import KekSource
+
+SALT_BYTES = 32
+_KV = KekVersion.__table__
+_TK = TenantKeyRow.__table__
+_CRED = Credential.__table__
+
+#: Allowed KEK state transitions; everything else is refused.
+_TRANSITIONS: dict[tuple[str | None, KeyState], str] = {
+    (None, KeyState.DECRYPT_ONLY): "register",
+    (None, KeyState.ACTIVE): "bootstrap",
+    (KeyState.DECRYPT_ONLY, KeyState.ACTIVE): "promote",
+    (KeyState.ACTIVE, KeyState.DECRYPT_ONLY): "demote",
+    (KeyState.DECRYPT_ONLY, KeyState.RETIRED): "retire",
+    (KeyState.RETIRED, KeyState.DECRYPT_ONLY): "unretire",
+}
+
+
+def check_transition(
+    version: int, current: str | None, target: KeyState, rows_on_version: int
+) -> str:
+    """The one place the version-window invariants are checked. Returns the action name.
+
+    Raises :class:`KeyStateError` when the transition is not allowed: retiring the active
+    version, retiring a version that rows still use, or any jump not in the table.
+    """
+    action = _TRANSITIONS.get((current, target))
+    if action is None:
+        raise KeyStateError(
+            f"KEK version {version}: cannot go from {current or 'unregistered'} to {target}"
+        )
+    if target is KeyState.RETIRED and rows_on_version:
+        raise KeyStateError(
+            f"KEK version {version} is still used by {rows_on_version} credential(s); "
+            "re-encrypt them before retiring it"
+        )
+    return action
+
+
+@dataclass(frozen=True, slots=True)
+class TenantKeyParams:
+    salt: bytes
+    kdf: KdfParams
+
+
+class KeyManager:
+    """Loads, derives and caches keys; records KEK and tenant key states."""
+
+    def __init__(self, source: KekSource, settings: Settings) -> None:
+        self.source = source
+        self.settings = settings
+        ttl = settings.key_cache_ttl_s
+        self._lock = threading.Lock()
+        self._keks: TTLCache[int, Kek] = TTLCache(maxsize=256, ttl=ttl)
+        self._tenant_keys: TTLCache[tuple[str, int, int], TenantKey] = TTLCache(
+            maxsize=settings.key_cache_size, ttl=ttl
+        )
+        self._params: LRUCache[tuple[str, int], TenantKeyParams] = LRUCache(
+            maxsize=settings.key_cache_size
+        )
+        self._states: dict[int, str] = {}
+        self._states_read_at = float("-inf")
+
+    def __repr__(self) -> str:
+        return f"<KeyManager source={self.source!r} cached_keys=<redacted>>"
+
+    def __reduce__(self) -> tuple[()]:
+        raise TypeError("KeyManager holds key material and cannot be pickled")
+
+    def clear_caches(self) -> None:
+        """Forget every cached key (after a fork, or to force fresh reads)."""
+        with self._lock:
+            self._keks.clear()
+            self._tenant_keys.clear()
+            self._params.clear()
+            self._states_read_at = float("-inf")
+
+    # --- KEKs -------------------------------------------------------------------------------
+
+    def kek(self, version: int) -> Kek:
+        """KEK material for ``version`` regardless of its state (cached)."""
+        with self._lock:
+            kek = self._keks.get(version)
+        if kek is None:
+            kek = self.source.get(version)
+            with self._lock:
+                self._keks[version] = kek
+        return kek
+
+    def kek_states(self, session: Session, *, fresh: bool = False) -> dict[int, str]:
+        now = time.monotonic()
+        if fresh or now - self._states_read_at > self.settings.key_state_ttl_s:
+            rows = session.execute(select(_KV.c.version, _KV.c.state)).all()
+            states = {int(v): str(s) for v, s in rows}
+            with self._lock:
+                self._states, self._states_read_at = states, now
+        return self._states
+
+    def active_kek_version(self, session: Session, *, fresh: bool = True) -> int:
+        """The version new ciphertexts use. Adopts the source's newest version on first use."""
+        states = self.kek_states(session, fresh=fresh)
+        active = [v for v, s in states.items() if s == KeyState.ACTIVE]
+        if active:
+            return active[0]
+        if states:
+            raise ConfigurationError("no active KEK version; promote one with `cuscred keys`")
+        return self._bootstrap(session)
+
+    def cached_active_kek_version(self, session: Session) -> int:
+        return self.active_kek_version(session, fresh=False)
+
+    def _bootstrap(self, session: Session) -> int:
+        # Adopting a key that exists is not generating one: a missing key stays an error.
+        latest = self.source.latest_version()
+        if latest is None:
+            raise ConfigurationError(
+                f"the {self.source.kind} KEK source holds no key; create one with "
+                "`cuscred keygen` (local) or `cuscred kek create` (Vault)"
+            )
+        self.kek(latest)  # refuse to adopt a version that cannot be loaded
+        with session.begin_nested():
+            try:
+                session.execute(
+                    _KV.insert().values(
+                        version=latest, state=KeyState.ACTIVE, source=self.source.kind,
+                        created_at=utcnow(), activated_at=utcnow(),
+                    )
+                )
+            except IntegrityError:
+                pass  # another process bootstrapped concurrently; read its choice below
+        return self.active_kek_version(session)
+
+    def ensure_decryptable(self, session: Session, version: int) -> None:
+        """Refuse a KEK version that is retired or unknown (opaquely: it is a data problem)."""
+        state = self.kek_states(session).get(version)
+        if state is None or state == KeyState.RETIRED:
+            state = self.kek_states(session, fresh=True).get(version)
+        if state not in (KeyState.ACTIVE, KeyState.DECRYPT_ONLY):
+            raise DecryptionError()
+
+    def census(self, session: Session) -> dict[int, int]:
+        """Credentials per KEK version, from the indexed header-version column."""
+        rows = session.execute(
+            select(_CRED.c.kek_version, func.count()).group_by(_CRED.c.kek_version)
+        ).all()
+        return {int(v): int(n) for v, n in rows}
+
+    def set_kek_state(self, session: Session, version: int, target: KeyState) -> str:
+        """Move ``version`` to ``target`` state (in the caller's transaction); returns the
+        action name. Promotion demotes the previous active version in the same transaction."""
+        states = self.kek_states(session, fresh=True)
+        rows = self.census(session).get(version, 0) if target is KeyState.RETIRED else 0
+        action = check_transition(version, states.get(version), target, rows)
+        if target is not KeyState.RETIRED:
+            self.kek(version)  # never make a version usable that cannot be loaded
+        now = utcnow()
+        if action in ("register", "bootstrap"):
+            session.execute(
+                _KV.insert().values(
+                    version=version, state=target, source=self.source.kind, created_at=now,
+                    activated_at=now if target is KeyState.ACTIVE else None,
+                )
+            )
+        else:
+            if target is KeyState.ACTIVE:
+                session.execute(
+                    update(_KV).where(_KV.c.state == KeyState.ACTIVE)
+                    .values(state=KeyState.DECRYPT_ONLY)
+                )
+            extra = {"activated_at": now} if target is KeyState.ACTIVE else {}
+            if target is KeyState.RETIRED:
+                extra = {"retired_at": now}
+            session.execute(
+                update(_KV).where(_KV.c.version == version).values(state=target, **extra)
+            )
+        self.kek_states(session, fresh=True)
+        return action
+
+    # --- tenant keys ------------------------------------------------------------------------
+
+    def tenant_params(self, session: Session, tenant_id: str, generation: int) -> TenantKeyParams:
+        key = (tenant_id, generation)
+        params = self._params.get(key)
+        if params is None:
+            row = session.execute(
+                select(_TK.c.salt, _TK.c.kdf, _TK.c.iterations).where(
+                    _TK.c.tenant_id == tenant_id, _TK.c.generation == generation
+                )
+            ).first()
+            if row is None:
+                raise DecryptionError()  # shredded or never existed: nothing can decrypt it
+            # Salt and KDF of a generation never change, so they can be cached without a TTL.
+            params = TenantKeyParams(
+                salt=bytes(row.salt), kdf=KdfParams(KdfName(row.kdf), row.iterations)
+            )
+            with self._lock:
+                self._params[key] = params
+        return params
+
+    def tenant_key(
+        self, session: Session, tenant_id: str, generation: int, kek_version: int
+    ) -> TenantKey:
+        """The derived key for one (tenant, generation, KEK version), cached."""
+        cache_key = (tenant_id, generation, kek_version)
+        with self._lock:
+            key = self._tenant_keys.get(cache_key)
+        if key is None:
+            params = self.tenant_params(session, tenant_id, generation)
+            key = derive_tenant_key(
+                self.kek(kek_version), tenant_id=tenant_id, generation=generation,
+                salt=params.salt, params=params.kdf,
+            )
+            with self._lock:
+                self._tenant_keys[cache_key] = key
+        return key
+
+    def active_generation(self, session: Session, tenant_id: str, *, create: bool) -> int | None:
+        """The tenant's active key generation; with ``create``, make generation 1 if none."""
+        gen = session.execute(
+            select(_TK.c.generation).where(
+                _TK.c.tenant_id == tenant_id, _TK.c.state == KeyState.ACTIVE
+            )
+        ).scalar()
+        if gen is not None or not create:
+            return None if gen is None else int(gen)
+        try:
+            return self.add_generation(session, tenant_id)
+        except IntegrityError:
+            # Another transaction created the tenant's first generation at the same time.
+            return self.active_generation(session, tenant_id, create=False)
+
+    def add_generation(
+        self, session: Session, tenant_id: str, kdf: KdfParams | None = None
+    ) -> int:
+        """Create the tenant's next generation (new random salt) as active; the previous active
+        one becomes ``decrypt_only``. Concurrent creators race on the primary key; one wins."""
+        kdf = kdf or self.default_kdf()
+        latest = session.execute(
+            select(func.max(_TK.c.generation)).where(_TK.c.tenant_id == tenant_id)
+        ).scalar()
+        generation = int(latest or 0) + 1
+        with session.begin_nested():
+            session.execute(
+                update(_TK).where(_TK.c.tenant_id == tenant_id, _TK.c.state == KeyState.ACTIVE)
+                .values(state=KeyState.DECRYPT_ONLY)
+            )
+            session.execute(
+                _TK.insert().values(
+                    tenant_id=tenant_id, generation=generation, salt=os.urandom(SALT_BYTES),
+                    kdf=kdf.name.value, iterations=kdf.iterations, state=KeyState.ACTIVE,
+                    created_at=utcnow(),
+                )
+            )
+        with self._lock:
+            for key in [k for k in self._params if k[0] == tenant_id]:
+                del self._params[key]
+        return generation
+
+    def default_kdf(self) -> KdfParams:
+        if self.settings.kdf is KdfName.PBKDF2_SHA256:
+            return KdfParams(KdfName.PBKDF2_SHA256, self.settings.pbkdf2_iterations)
+        return KdfParams(KdfName.HKDF_SHA256)
+
+    def forget_tenant(self, tenant_id: str) -> None:
+        with self._lock:
+            for k in [k for k in self._tenant_keys if k[0] == tenant_id]:
+                del self._tenant_keys[k]
+            for p in [p for p in self._params if p[0] == tenant_id]:
+                del self._params[p]
+
+
+__all__ = ["SALT_BYTES", "KeyManager", "TenantKeyParams", "check_transition"]

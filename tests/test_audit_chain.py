@@ -1,0 +1,114 @@
+"""The audit chain: verify passes on an honest table and names the first edited, inserted or
+deleted row; concurrent writers never fork the chain. SQLite and PostgreSQL."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+from sqlalchemy import delete, insert, select, update
+
+from cuscred.db.models import AuditEvent
+from cuscred.factory import Runtime
+from cuscred.services.audit_verify import verify_chain
+
+
+def _fill(runtime: Runtime, n: int = 6) -> list[str]:
+    svc = runtime.credential_service()
+    refs = [svc.encrypt_credential("tenant-a", f"sk-proj-{i:02d}" + "z" * 50) for i in range(n)]
+    for ref in refs:
+        svc.resolve_credential("tenant-a", ref)
+    return refs
+
+
+def _verify(runtime: Runtime):  # type: ignore[no-untyped-def]
+    with runtime.sessions() as s:
+        return verify_chain(s, runtime.audit.keys)
+
+
+def test_honest_chain_verifies(runtime: Runtime) -> None:
+    _fill(runtime)
+    report = _verify(runtime)
+    assert report.ok and report.rows_checked == 12 and report.head_seq == 12
+
+
+def test_edit_is_found(runtime: Runtime) -> None:
+    _fill(runtime)
+    with runtime.sessions.begin() as s:
+        s.execute(update(AuditEvent).where(AuditEvent.seq == 5).values(actor="mallory"))
+    report = _verify(runtime)
+    assert (report.ok, report.problem, report.problem_seq) == (False, "edited", 5)
+    assert report.rows_checked == 4
+
+
+def test_outcome_flip_is_found(runtime: Runtime) -> None:
+    _fill(runtime)
+    with runtime.sessions.begin() as s:
+        s.execute(update(AuditEvent).where(AuditEvent.seq == 12).values(outcome="denied"))
+    report = _verify(runtime)
+    assert (report.problem, report.problem_seq) == ("edited", 12)
+
+
+def test_deletion_is_found(runtime: Runtime) -> None:
+    _fill(runtime)
+    with runtime.sessions.begin() as s:
+        s.execute(delete(AuditEvent).where(AuditEvent.seq == 7))
+    report = _verify(runtime)
+    assert (report.problem, report.problem_seq) == ("deleted", 7)
+
+
+def test_deletion_with_renumbering_is_found(runtime: Runtime) -> None:
+    _fill(runtime)
+    with runtime.sessions.begin() as s:
+        s.execute(delete(AuditEvent).where(AuditEvent.seq == 7))
+        for seq in range(8, 13):
+            s.execute(update(AuditEvent).where(AuditEvent.seq == seq).values(seq=seq - 1))
+    report = _verify(runtime)
+    assert (report.problem, report.problem_seq) == ("deleted", 7)
+
+
+def test_insertion_is_found(runtime: Runtime) -> None:
+    _fill(runtime)
+    with runtime.sessions.begin() as s:
+        rows = s.execute(select(AuditEvent.__table__).order_by(AuditEvent.seq.desc())).all()
+        for row in rows:  # make room after seq 3, then forge a row that links to seq 3
+            if row.seq > 3:
+                s.execute(update(AuditEvent).where(AuditEvent.seq == row.seq)
+                          .values(seq=row.seq + 1))
+        third = next(r for r in rows if r.seq == 3)
+        forged = dict(third._mapping, seq=4, action="resolve", prev_mac=third.mac, mac="f" * 64)
+        s.execute(insert(AuditEvent), [forged])
+    report = _verify(runtime)
+    assert (report.problem, report.problem_seq) == ("inserted", 4)
+
+
+def test_concurrent_writers_do_not_fork_the_chain(runtime: Runtime) -> None:
+    svc = runtime.credential_service()
+    ref = svc.encrypt_credential("tenant-a", "sk-proj-" + "c" * 60)
+    errors: list[BaseException] = []
+
+    def work() -> None:
+        try:
+            for _ in range(15):
+                svc.resolve_credential("tenant-a", ref)
+        except BaseException as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    report = _verify(runtime)
+    assert report.ok and report.rows_checked == 61
+
+
+@pytest.mark.parametrize("column", ["tenant_id", "credential_id", "reason", "key_version"])
+def test_any_column_edit_is_found(runtime: Runtime, column: str) -> None:
+    _fill(runtime, 2)
+    value = 99 if column == "key_version" else "x"
+    with runtime.sessions.begin() as s:
+        s.execute(update(AuditEvent).where(AuditEvent.seq == 2).values({column: value}))
+    report = _verify(runtime)
+    assert not report.ok and report.problem_seq == 2
