@@ -1,0 +1,178 @@
+"""CLI commands for operators: keygen, db, keys, audit."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from cuscred.cli.common import (
+    EXIT_CONFIG,
+    EXIT_VERIFY,
+    err_console,
+    fail,
+    handled,
+    out_console,
+    print_json,
+    state,
+)
+from cuscred.config import KekSourceKind
+from cuscred.db.migrate import current_and_head, upgrade_to_head
+from cuscred.db.models import KeyState
+from cuscred.kek.local import LocalKeyring
+from cuscred.services.audit_verify import verify_chain
+
+Json = Annotated[bool, typer.Option("--json", help="Machine-readable output.")]
+Version = Annotated[int, typer.Argument(help="KEK version number.", min=1)]
+
+db_app = typer.Typer(help="Database schema (Alembic migrations).", no_args_is_help=True)
+keys_app = typer.Typer(help="KEK versions and the key census.", no_args_is_help=True)
+audit_app = typer.Typer(help="The hash-chained audit trail.", no_args_is_help=True)
+
+
+def keygen(
+    ctx: typer.Context,
+    path: Annotated[Path | None, typer.Option(help="Keyring file (default: setting).")] = None,
+) -> None:
+    """Create the local keyring (mode 0600) holding KEK version 1. Never overwrites."""
+    settings = state(ctx).settings
+    if settings.kek_source is not KekSourceKind.LOCAL:
+        fail("CUSCRED_KEK_SOURCE is not 'local'; the KEK lives in Vault", EXIT_CONFIG,
+             "use `cuscred keys create` to write a KEK version to Vault")
+    with handled():
+        keyring = LocalKeyring.create(path or settings.keyring_path)
+    err_console.print(f"created keyring {keyring.path} (KEK version 1, mode 0600)")
+
+
+@db_app.command("upgrade")
+def db_upgrade(ctx: typer.Context) -> None:
+    """Apply pending migrations (alembic upgrade head)."""
+    with handled():
+        engine = state(ctx).runtime.engine
+        upgrade_to_head(engine)
+        current, _ = current_and_head(engine)
+    err_console.print(f"database schema at revision {current}")
+
+
+@db_app.command("status")
+def db_status(ctx: typer.Context, json: Json = False) -> None:
+    """Show the database's revision and the newest one; exit 78 if behind."""
+    with handled():
+        current, head = current_and_head(state(ctx).runtime.engine)
+    if json:
+        print_json({"current": current, "head": head, "up_to_date": current == head})
+    else:
+        out_console.print(f"current {current or '-'}, head {head}")
+    if current != head:
+        raise typer.Exit(EXIT_CONFIG)
+
+
+@keys_app.command("status")
+def keys_status(
+    ctx: typer.Context,
+    tenants: Annotated[bool, typer.Option(help="Also show per-tenant generations.")] = False,
+    json: Json = False,
+) -> None:
+    """KEK versions with their states and how many credentials each protects."""
+    with handled():
+        status = state(ctx).runtime.key_admin().status(per_tenant=tenants)
+    if json:
+        print_json({
+            "kek_versions": [vars_of(v) for v in status.kek_versions],
+            "unregistered": status.unregistered,
+            "tenant_generations": [
+                dict(zip(("tenant_id", "generation", "state", "kdf", "credentials"), t,
+                         strict=True))
+                for t in status.tenant_generations
+            ],
+        })
+        return
+    table = Table("KEK version", "state", "source", "credentials", "created", "activated")
+    for v in status.kek_versions:
+        table.add_row(str(v.version), v.state, v.source, str(v.credentials),
+                      f"{v.created_at:%Y-%m-%d %H:%M}",
+                      f"{v.activated_at:%Y-%m-%d %H:%M}" if v.activated_at else "-")
+    out_console.print(table)
+    if status.unregistered:
+        err_console.print(f"[red]rows on unregistered KEK versions: {status.unregistered}[/]")
+    if tenants:
+        t = Table("tenant", "generation", "state", "kdf", "credentials")
+        for row in status.tenant_generations:
+            t.add_row(*(str(x) for x in row))
+        out_console.print(t)
+
+
+def vars_of(obj: object) -> dict[str, object]:
+    return {name: getattr(obj, name) for name in obj.__slots__}  # type: ignore[attr-defined]
+
+
+@keys_app.command("create")
+def keys_create(ctx: typer.Context) -> None:
+    """Write a new KEK version to the source and record it decrypt_only (rotation step 1)."""
+    st = state(ctx)
+    with handled():
+        version = st.runtime.key_admin(actor=st.actor).create_version()
+    err_console.print(f"KEK version {version} created (decrypt_only); promote it next")
+    out_console.print(str(version))
+
+
+@keys_app.command("promote")
+def keys_promote(ctx: typer.Context, version: Version) -> None:
+    """Make VERSION the active KEK (rotation step 2); the previous becomes decrypt_only."""
+    st = state(ctx)
+    with handled():
+        st.runtime.key_admin(actor=st.actor).set_state(version, KeyState.ACTIVE)
+    err_console.print(f"KEK version {version} is active")
+
+
+@keys_app.command("retire")
+def keys_retire(ctx: typer.Context, version: Version) -> None:
+    """Retire VERSION (rotation step 4). Refused, with the count, while credentials use it."""
+    st = state(ctx)
+    with handled():
+        st.runtime.key_admin(actor=st.actor).retire(version)
+    err_console.print(f"KEK version {version} is retired")
+
+
+@audit_app.command("verify")
+def audit_verify(
+    ctx: typer.Context,
+    expect_head: Annotated[
+        str | None,
+        typer.Option(help="SEQ:MAC printed by an earlier verify; catches truncation."),
+    ] = None,
+    json: Json = False,
+) -> None:
+    """Walk the audit chain; exit 8 naming the first edited, inserted or deleted row."""
+    runtime = state(ctx).runtime
+    with handled(), runtime.sessions() as session:
+        report = verify_chain(session, runtime.audit.keys)
+    problem, seq = report.problem, report.problem_seq
+    if report.ok and expect_head:
+        want_seq, _, want_mac = expect_head.partition(":")
+        if not want_seq.isdigit() or int(want_seq) > report.head_seq:
+            problem, seq = "truncated", int(want_seq) if want_seq.isdigit() else None
+        elif int(want_seq) == report.head_seq and want_mac != report.head_mac:
+            problem, seq = "edited", report.head_seq
+    if json:
+        print_json({**vars_of(report), "problem": problem, "problem_seq": seq})
+    elif problem is None:
+        out_console.print(f"audit chain OK: {report.rows_checked} rows; "
+                          f"head {report.head_seq}:{report.head_mac}")
+    else:
+        err_console.print(f"[bold red]audit chain broken:[/] {problem} at row {seq}"
+                          + (f" ({report.detail})" if report.detail else ""))
+    if problem is not None:
+        raise typer.Exit(EXIT_VERIFY)
+
+
+def register(app: typer.Typer) -> None:
+    app.command()(keygen)
+    app.add_typer(db_app, name="db")
+    app.add_typer(keys_app, name="keys")
+    app.add_typer(audit_app, name="audit")
+
+
+__all__ = ["register"]

@@ -1,0 +1,129 @@
+"""The CLI as a shell user drives it: stdin for secrets, exit codes, masked listings."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from cuscred.cli import app
+from tests.conftest import Database
+
+SECRET = "sk-proj-" + "Qw3rTy9" * 20 + "Lm0p"
+
+
+@pytest.fixture
+def cli_env(database: Database, tmp_path: Path) -> dict[str, str]:
+    return {
+        "CUSCRED_DATABASE_URL": database.url,
+        "CUSCRED_KEYRING_PATH": str(tmp_path / "keyring.json"),
+    }
+
+
+def run(env: dict[str, str], *args: str, stdin: str | None = None) -> tuple[int, str, str]:
+    result = CliRunner().invoke(app, list(args), input=stdin, env=env)
+    return result.exit_code, result.stdout, result.stderr
+
+
+def test_store_resolve_refuse_list(cli_env: dict[str, str]) -> None:
+    assert run(cli_env, "keygen")[0] == 0
+    assert run(cli_env, "keygen")[0] == 78  # never overwrites
+    code, ref, _ = run(cli_env, "put", "--tenant", "acme", stdin=SECRET + "\n")
+    assert code == 0 and ref.strip().startswith("encrypted://cred_")
+    ref = ref.strip()
+    code, out, _ = run(cli_env, "resolve", "--tenant", "acme", ref)
+    assert (code, out) == (0, SECRET + "\n")
+    code, out, err = run(cli_env, "resolve", "--tenant", "globex", ref)
+    assert code == 3 and SECRET not in out + err and "no credential" in err
+    code, out, _ = run(cli_env, "list", "--tenant", "acme")
+    assert code == 0 and "sk-proj-…Lm0p" in out and SECRET[8:20] not in out
+    code, out, _ = run(cli_env, "list", "--tenant", "acme", "--json")
+    assert json.loads(out)[0]["reference"] == ref
+    code, out, _ = run(cli_env, "audit", "verify", "--json")
+    report = json.loads(out)
+    assert code == 0 and report["ok"] and report["rows_checked"] == 3
+    head = f"{report['head_seq']}:{report['head_mac']}"
+    assert run(cli_env, "audit", "verify", "--expect-head", head)[0] == 0
+    assert run(cli_env, "audit", "verify", "--expect-head", "99:" + "0" * 64)[0] == 8
+
+
+@pytest.mark.parametrize(
+    ("stdin", "code"),
+    [
+        (SECRET + "\n", 0),  # echo's newline is the line terminator, not part of the value
+        (SECRET + "\r\n", 0),
+        (SECRET + " \n", 6),
+        (" " + SECRET, 6),
+        (SECRET + "\n\n", 6),
+        ("", 6),
+        ("sk-\x00" + "a" * 30, 6),
+    ],
+)
+def test_put_input_rules(cli_env: dict[str, str], stdin: str, code: int) -> None:
+    run(cli_env, "keygen")
+    result = run(cli_env, "put", "--tenant", "acme", stdin=stdin)
+    assert result[0] == code
+    if code:
+        assert SECRET[8:30] not in result[1] + result[2]
+
+
+def test_strip_flag(cli_env: dict[str, str]) -> None:
+    run(cli_env, "keygen")
+    code, ref, _ = run(cli_env, "put", "--tenant", "acme", "--strip", stdin=f"  {SECRET}  \n")
+    assert code == 0
+    assert run(cli_env, "resolve", "--tenant", "acme", ref.strip())[1] == SECRET + "\n"
+
+
+@pytest.mark.parametrize(
+    ("args", "code"),
+    [
+        (["validate", "vault://secret/tenants/acme/openai#api_key"], 0),
+        (["validate", "vault://kv/tenants/a/../b/x#k"], 6),
+        (["validate", "encrypted://not-an-id"], 6),
+        (["resolve", "--tenant", "acme", "vault://secret/tenants/other/x#k"], 4),
+        (["resolve", "--tenant", "a/b", "encrypted://cred_" + "0" * 26], 6),
+        (["resolve", "--tenant", "acme", "env://HOME"], 4),
+        (["mask", "sk-proj-looks-like-a-secret"], 6),  # secrets are never taken from argv
+        (["keys", "retire", "1"], 7),
+        (["keys", "promote", "7"], 78),
+    ],
+)
+def test_exit_codes(cli_env: dict[str, str], args: list[str], code: int) -> None:
+    run(cli_env, "keygen")
+    run(cli_env, "put", "--tenant", "acme", stdin=SECRET)
+    assert run(cli_env, *args)[0] == code
+
+
+def test_rotate_and_keys(cli_env: dict[str, str]) -> None:
+    run(cli_env, "keygen")
+    ref = run(cli_env, "put", "--tenant", "acme", stdin=SECRET)[1].strip()
+    code, _, err = run(cli_env, "rotate", "--tenant", "acme", ref, stdin=SECRET)
+    assert code == 0 and "unchanged" in err
+    assert run(cli_env, "keys", "create")[1].strip() == "2"
+    assert run(cli_env, "keys", "promote", "2")[0] == 0
+    code, _, err = run(cli_env, "rotate", "--tenant", "acme", ref, stdin=SECRET[:-1] + "X")
+    assert code == 0 and "rotated" in err
+    status = json.loads(run(cli_env, "keys", "status", "--json", "--tenants")[1])
+    assert [(v["version"], v["state"], v["credentials"]) for v in status["kek_versions"]] == [
+        (1, "decrypt_only", 0), (2, "active", 1)]
+    assert status["tenant_generations"][0]["credentials"] == 1
+    assert run(cli_env, "keys", "retire", "1")[0] == 0
+
+
+def test_missing_keyring_is_a_clear_configuration_error(cli_env: dict[str, str]) -> None:
+    code, _, err = run(cli_env, "put", "--tenant", "acme", stdin=SECRET)
+    assert code == 78 and "cuscred keygen" in err
+
+
+def test_installed_entry_point_runs(cli_env: dict[str, str]) -> None:
+    exe = Path(sys.executable).with_name("cuscred")
+    env = {**os.environ, **cli_env}
+    subprocess.run([exe, "keygen"], env=env, check=True, capture_output=True)
+    done = subprocess.run([exe, "put", "--tenant", "acme"], env=env, input=SECRET,
+                          text=True, capture_output=True, check=True)
+    assert done.stdout.startswith("encrypted://")
