@@ -1,0 +1,204 @@
+"""Checks of caller input: tenant ids, secrets and encryption contexts. No I/O.
+
+Each check returns the value to use (a plain ``str``/``dict`` copy, whatever subclass came in) or
+raises a typed error from :mod:`cuscred.errors`. Messages never contain the secret, not even a
+part of it. Tenant ids and context keys are not secret and may be shown, escaped with
+:func:`ascii` so that control characters and Unicode look-alikes are visible, and truncated.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+
+from cuscred.errors import (
+    CuscredTypeError,
+    InvalidContextError,
+    InvalidSecretError,
+    InvalidTenantError,
+)
+from cuscred.providers import parse_json_object
+
+MAX_TENANT_ID_LENGTH = 64
+MAX_CONTEXT_ITEMS = 16
+MAX_CONTEXT_VALUE_LENGTH = 256
+
+# Tenant ids end up in KDF info strings, Vault path prefixes and log lines: keep them boring.
+_TENANT_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
+_CONTEXT_KEY = re.compile(r"[a-z0-9][a-z0-9_.-]{0,63}")
+# Control characters: C0, DEL and C1 (Unicode category Cc).
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+# The same minus JSON's insignificant whitespace (tab, LF, CR), allowed between JSON tokens.
+_CONTROL_IN_JSON = re.compile(r"[\x00-\x08\x0b-\x0c\x0e-\x1f\x7f-\x9f]")
+_LINE_BREAKS = frozenset("\n\r")
+_STRIP_HINT = "pass strip=True (CLI: --strip) to strip surrounding whitespace"
+
+
+def validate_tenant_id(value: object) -> str:
+    """``value`` if it is a valid tenant id: 1-64 ASCII letters, digits, ``_`` and ``-``,
+    starting with a letter or digit.
+
+    Raises :class:`CuscredTypeError` if ``value`` is not a ``str``, and
+    :class:`InvalidTenantError` if it is empty or has any other character (``/``, ``.``, braces,
+    whitespace, control characters, non-ASCII look-alikes).
+    """
+    if not isinstance(value, str):
+        raise CuscredTypeError(f"tenant id must be a str, got {type(value).__name__}")
+    tenant_id = str.__str__(value)
+    if not tenant_id:
+        raise InvalidTenantError("tenant id is empty")
+    if len(tenant_id) > MAX_TENANT_ID_LENGTH:
+        raise InvalidTenantError(
+            f"tenant id {_shown(tenant_id)} is longer than {MAX_TENANT_ID_LENGTH} characters"
+        )
+    if not _TENANT_ID.fullmatch(tenant_id):
+        raise InvalidTenantError(
+            f"tenant id {_shown(tenant_id)} must start with an ASCII letter or digit and contain "
+            "only ASCII letters, digits, '_' and '-'"
+        )
+    return tenant_id
+
+
+def validate_secret(value: object, *, max_bytes: int, strip: bool = False) -> str:
+    """``value`` (stripped of surrounding whitespace if ``strip``) if it is an acceptable secret.
+
+    A secret is one line of text with no control characters, at most ``max_bytes`` bytes of
+    UTF-8. The exception is a JSON object (e.g. a Vertex service-account file), which may span
+    lines: tabs, line feeds and carriage returns (JSON whitespace) are allowed between its tokens.
+
+    Raises :class:`CuscredTypeError` if ``value`` is not a ``str`` (``bytes`` included), and
+    :class:`InvalidSecretError` if it is empty or whitespace only, not encodable as UTF-8 (lone
+    surrogates), larger than ``max_bytes``, has leading or trailing whitespace (unless
+    ``strip``), or contains a line break (outside a JSON object), NUL or another control
+    character.
+    """
+    if not isinstance(value, str):
+        hint = " (decode bytes to str first)" if isinstance(value, bytes | bytearray) else ""
+        raise CuscredTypeError(f"secret must be a str, got {type(value).__name__}{hint}")
+    secret = str.__str__(value)
+    if strip:
+        secret = secret.strip()
+    if not secret:
+        raise InvalidSecretError("secret is empty")
+    if not secret.strip():
+        raise InvalidSecretError("secret is whitespace only")
+    if _utf8_length(secret) > max_bytes:
+        raise InvalidSecretError(f"secret is larger than the limit of {max_bytes} bytes (UTF-8)")
+    if secret != secret.strip():
+        raise InvalidSecretError(
+            "secret has leading or trailing whitespace (often a copied newline); remove it, or "
+            + _STRIP_HINT
+        )
+    _check_secret_characters(secret)
+    return secret
+
+
+def validate_context(value: object) -> dict[str, str]:
+    """A plain ``dict`` copy of the encryption context ``value``; ``None`` means ``{}``.
+
+    At most 16 items; keys match ``[a-z0-9][a-z0-9_.-]{0,63}``; values are strings of at most
+    256 characters without control characters. Context is authenticated, not secret.
+
+    Raises :class:`CuscredTypeError` if ``value`` is not a mapping, and
+    :class:`InvalidContextError` naming the offending key for anything else.
+    """
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping):
+        raise CuscredTypeError(f"context must be a mapping, got {type(value).__name__}")
+    if len(value) > MAX_CONTEXT_ITEMS:
+        raise InvalidContextError(
+            f"context has {len(value)} items; at most {MAX_CONTEXT_ITEMS} are allowed"
+        )
+    result: dict[str, str] = {}
+    for key, item in value.items():
+        name = _context_key(key)
+        result[name] = _context_value(name, item)
+    return result
+
+
+def _check_secret_characters(secret: str) -> None:
+    """Refuse control characters; JSON whitespace only between the tokens of a JSON object."""
+    control = _CONTROL.search(secret)
+    if control is None:
+        return
+    if parse_json_object(secret) is not None:
+        # json.loads refuses raw control characters inside strings, so LF/CR/tab can only sit
+        # between tokens here; C1 controls inside strings are still refused below.
+        control = _CONTROL_IN_JSON.search(secret)
+        if control is None:
+            return
+    char = control.group()
+    if char in _LINE_BREAKS:
+        raise InvalidSecretError(
+            "secret contains a line break; a secret must be one line (only a JSON object, "
+            "such as a service-account file, may span lines); strip=True (CLI: --strip) "
+            "removes only surrounding whitespace"
+        )
+    if char == "\x00":
+        raise InvalidSecretError("secret contains a NUL character")
+    raise InvalidSecretError(f"secret contains a control character (U+{ord(char):04X})")
+
+
+def _context_key(key: object) -> str:
+    if not isinstance(key, str):
+        raise InvalidContextError(f"context keys must be strings, got {type(key).__name__}")
+    name = str.__str__(key)
+    if not _CONTEXT_KEY.fullmatch(name):
+        raise InvalidContextError(
+            f"context key {_shown(name)} must be 1-64 characters of a-z, 0-9, '_', '.', '-', "
+            "starting with a letter or digit"
+        )
+    return name
+
+
+def _context_value(name: str, item: object) -> str:
+    # ``name`` passed _CONTEXT_KEY, so it is safe to show as is.
+    if not isinstance(item, str):
+        raise InvalidContextError(
+            f"context value for {name!r} must be a string, got {type(item).__name__}"
+        )
+    text = str.__str__(item)
+    if len(text) > MAX_CONTEXT_VALUE_LENGTH:
+        raise InvalidContextError(
+            f"context value for {name!r} is longer than {MAX_CONTEXT_VALUE_LENGTH} characters"
+        )
+    if _CONTROL.search(text):
+        raise InvalidContextError(f"context value for {name!r} contains a control character")
+    if not _encodable(text):
+        raise InvalidContextError(
+            f"context value for {name!r} is not valid Unicode text (lone surrogate)"
+        )
+    return text
+
+
+def _utf8_length(secret: str) -> int:
+    # Raise outside the except block: a UnicodeEncodeError carries the whole secret in its
+    # ``object`` attribute and must not ride along as __context__ into logs or error trackers.
+    if not _encodable(secret):
+        raise InvalidSecretError("secret is not valid Unicode text (it contains a lone surrogate)")
+    return len(secret.encode("utf-8"))
+
+
+def _encodable(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _shown(value: str, limit: int = 40) -> str:
+    """A non-secret value for a message: escaped by ascii(), truncated to ``limit`` chars."""
+    text = ascii(value[:limit])
+    return text + "..." if len(value) > limit else text
+
+
+__all__ = [
+    "MAX_CONTEXT_ITEMS",
+    "MAX_CONTEXT_VALUE_LENGTH",
+    "MAX_TENANT_ID_LENGTH",
+    "validate_context",
+    "validate_secret",
+    "validate_tenant_id",
+]
