@@ -1,0 +1,141 @@
+"""KEK versions stored in a Vault / OpenBao KV v2 secret.
+
+Each KV v2 version of the secret at ``mount``/``path`` is one KEK version, with the same number.
+The field (``key`` by default) holds the base64 of 32 random bytes::
+
+    bao kv get -mount=secret -version=3 cuscred/kek   ->   key = "q3J0...=" (44 characters)
+
+KV v2 keeps only ``max_versions`` versions of a secret (default 10) and silently discards the
+oldest beyond that, which would destroy a KEK that rows still use. So
+:meth:`VaultKekSource.add_version` refuses to write a version that would push one out: raise
+``max_versions`` in the secret's metadata (``bao kv metadata put -max-versions=1000 ...``)
+before that point. Only the secret-level setting is visible without extra policy; when it is 0
+the KV default of 10 is assumed (a higher mount-level setting is not seen, a lower one is missed).
+
+Policy needed: ``read`` on ``<mount>/data/<path>`` and ``<mount>/metadata/<path>``; ``create`` and
+``update`` on ``<mount>/data/<path>`` for the identity that rotates.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import os
+
+from cuscred.config import Settings
+from cuscred.crypto.keys import KEY_BYTES, Kek
+from cuscred.errors import (
+    ConcurrentUpdateError,
+    CredentialNotFoundError,
+    InvalidInputError,
+    KekUnavailableError,
+    KeyStateError,
+    SecretVersionDeletedError,
+    SecretVersionDestroyedError,
+)
+from cuscred.vault.client import KVMetadata, VaultKV
+
+#: KV v2 keeps this many versions when neither the secret nor the mount sets ``max_versions``.
+KV_DEFAULT_MAX_VERSIONS = 10
+
+
+class VaultKekSource:
+    """A :class:`~cuscred.kek.source.KekSource` backed by one KV v2 secret."""
+
+    kind = "vault"
+
+    def __init__(self, kv: VaultKV, mount: str, path: str, field: str = "key") -> None:
+        self._kv = kv
+        self.mount = mount
+        self.path = path
+        self.field = field
+
+    def __repr__(self) -> str:
+        return f"<VaultKekSource mount={self.mount!r} path={self.path!r} field={self.field!r}>"
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> VaultKekSource:
+        """The source at ``vault_kek_mount``/``vault_kek_path`` with a client from settings.
+
+        Raises what :meth:`VaultKV.from_settings` raises (AppRole logs in at once).
+        """
+        kv = VaultKV.from_settings(settings)
+        return cls(kv, settings.vault_kek_mount, settings.vault_kek_path)
+
+    def get(self, version: int) -> Kek:
+        """Load KEK ``version`` (one KV read).
+
+        Raises :class:`KekUnavailableError` when the version does not exist, was deleted or
+        destroyed (the message says which) or does not hold base64 of 32 bytes;
+        :class:`VaultUnavailableError` (retryable) and :class:`PermissionDeniedError` unchanged;
+        :class:`InvalidInputError` for a version below 1.
+        """
+        if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+            raise InvalidInputError("KEK version must be a positive integer")
+        where = f"KEK version {version} (Vault mount {self.mount!r})"
+        try:
+            secret = self._kv.read(self.mount, self.path, version)
+        except SecretVersionDestroyedError as e:
+            raise KekUnavailableError(f"{where} was destroyed; its key material is gone") from e
+        except SecretVersionDeletedError as e:
+            raise KekUnavailableError(
+                f"{where} was deleted; an operator can undelete it (bao kv undelete)"
+            ) from e
+        except CredentialNotFoundError as e:
+            raise KekUnavailableError(f"{where} does not exist") from e
+        return Kek(version, self._decode(secret.data.get(self.field), where))
+
+    def latest_version(self) -> int | None:
+        """The newest KV version of the secret (possibly deleted), or ``None`` if none exists.
+
+        Raises :class:`VaultUnavailableError`, :class:`PermissionDeniedError`,
+        :class:`VaultError`.
+        """
+        return self._kv.current_version(self.mount, self.path)
+
+    def add_version(self) -> int:
+        """Write a new random 256-bit KEK as the next KV version and return its number.
+
+        Check-and-set on the current version: of two concurrent rotations only one writes.
+        Raises :class:`KeyStateError` when another writer added a version first (nothing was
+        written; re-read the state before deciding to rotate again) or when KV v2 would discard
+        the oldest kept version; :class:`VaultUnavailableError`, :class:`PermissionDeniedError`,
+        :class:`VaultError`.
+        """
+        meta = self._kv.metadata(self.mount, self.path)
+        current = meta.current_version if meta is not None else 0
+        if meta is not None:
+            _refuse_discarding_a_version(meta)
+        material = base64.b64encode(os.urandom(KEY_BYTES)).decode("ascii")
+        try:
+            return self._kv.write(self.mount, self.path, {self.field: material}, cas=current)
+        except ConcurrentUpdateError as e:
+            raise KeyStateError(
+                f"another writer added a KEK version after version {current} "
+                f"(Vault mount {self.mount!r}); nothing was written"
+            ) from e
+
+    def _decode(self, value: object, where: str) -> bytes:
+        # Never echo the value: even a malformed one may be (part of) a key.
+        if not isinstance(value, str):
+            raise KekUnavailableError(f"{where} has no string field {self.field!r}")
+        try:
+            raw = base64.b64decode(value, validate=True)
+        except (binascii.Error, ValueError):
+            raise KekUnavailableError(f"{where} is not valid base64") from None
+        if len(raw) != KEY_BYTES:
+            raise KekUnavailableError(f"{where} is not a {KEY_BYTES * 8}-bit key")
+        return raw
+
+
+def _refuse_discarding_a_version(meta: KVMetadata) -> None:
+    limit = meta.max_versions or KV_DEFAULT_MAX_VERSIONS
+    if meta.version_count >= limit:
+        raise KeyStateError(
+            f"the KEK secret keeps at most {limit} versions and holds {meta.version_count}: "
+            "writing another would make KV v2 discard the oldest KEK version; raise "
+            "max_versions in the secret's metadata first"
+        )
+
+
+__all__ = ["KV_DEFAULT_MAX_VERSIONS", "VaultKekSource"]
