@@ -17,12 +17,12 @@ from rich.console import Console
 from rich.table import Table
 
 from cuscred.config import Settings
+from cuscred.datagen import generate_secret
 from cuscred.db.migrate import upgrade_to_head
 from cuscred.errors import CredentialNotFoundError, KeyStateError
 from cuscred.factory import build_runtime
 from cuscred.kek.local import LocalKeyring
 from cuscred.services.audit_verify import verify_chain
-from cuscred.datagen import generate_secret
 
 console = Console(highlight=False)
 

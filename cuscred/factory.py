@@ -21,7 +21,7 @@ from cuscred.services.audit import AuditKeys, AuditLog
 from cuscred.services.credentials import CredentialService
 from cuscred.services.key_admin import KeyAdmin
 from cuscred.services.keys import KeyManager
-from cuscred.vault.client import VaultKV, build_vault_client
+from cuscred.vault.client import VaultKV
 
 
 @dataclass(frozen=True)

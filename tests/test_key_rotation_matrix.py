@@ -6,11 +6,10 @@ from __future__ import annotations
 import pytest
 from sqlalchemy import update
 
-from cuscred.db.models import KekVersion
+from cuscred.db.models import KekVersion, KeyState
 from cuscred.errors import DecryptionError, KekUnavailableError, KeyStateError
 from cuscred.factory import Runtime
 from cuscred.services.keys import check_transition
-from cuscred.db.models import KeyState
 
 
 def test_rotation_matrix(runtime: Runtime) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 from enum import StrEnum
+from typing import cast
 
 from sqlalchemy import (
     BigInteger,
@@ -22,6 +23,7 @@ from sqlalchemy import (
     LargeBinary,
     MetaData,
     String,
+    Table,
     Text,
     text,
 )
@@ -205,7 +207,18 @@ class AuditEvent(Base):
     mac: Mapped[str] = mapped_column(String(64))
 
 
+# Core handles on the tables, typed as Table (``Model.__table__`` is typed as a FromClause).
+# Hot paths use Core statements on these: loading ORM objects costs 5-10x more (DESIGN.md).
+KEK_VERSIONS = cast(Table, KekVersion.__table__)
+TENANT_KEYS = cast(Table, TenantKeyRow.__table__)
+CREDENTIALS = cast(Table, Credential.__table__)
+AUDIT_EVENTS = cast(Table, AuditEvent.__table__)
+
 __all__ = [
+    "AUDIT_EVENTS",
+    "CREDENTIALS",
+    "KEK_VERSIONS",
+    "TENANT_KEYS",
     "AuditEvent",
     "Base",
     "Credential",

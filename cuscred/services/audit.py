@@ -32,14 +32,14 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
 from cuscred.crypto.keys import Kek
-from cuscred.db.models import AuditEvent, utcnow
+from cuscred.db.models import AUDIT_EVENTS, utcnow
 from cuscred.errors import AuditWriteError, CuscredError
 
 GENESIS_MAC = "0" * 64
 AUDIT_LOCK_ID = 0x6375736175646974  # "cusaudit"
 _AUDIT_INFO = b"cuscred/audit/v1"
 _LEN = struct.Struct(">I")
-_TABLE = AuditEvent.__table__
+_TABLE = AUDIT_EVENTS
 
 
 class Outcome:

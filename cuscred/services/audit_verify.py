@@ -15,11 +15,11 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from cuscred.db.models import AuditEvent
+from cuscred.db.models import AUDIT_EVENTS
 from cuscred.errors import CuscredError
 from cuscred.services.audit import GENESIS_MAC, AuditKeys, compute_mac
 
-_TABLE = AuditEvent.__table__
+_TABLE = AUDIT_EVENTS
 _FIELDS = (
     "seq", "ts", "actor", "tenant_id", "credential_id", "ref_fingerprint",
     "action", "outcome", "reason", "key_version", "prev_mac", "mac",

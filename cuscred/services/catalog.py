@@ -11,7 +11,7 @@ from typing import Any
 from sqlalchemy import delete, func, select
 from sqlalchemy.orm import Session, sessionmaker
 
-from cuscred.db.models import Credential, TenantKeyRow
+from cuscred.db.models import CREDENTIALS, TENANT_KEYS
 from cuscred.errors import CredentialNotFoundError, InvalidInputError
 from cuscred.ids import is_credential_id
 from cuscred.references import EncryptedRef, parse_reference
@@ -20,8 +20,8 @@ from cuscred.services.audit import AuditLog
 from cuscred.services.keys import KeyManager
 from cuscred.validation import validate_tenant_id
 
-_CRED = Credential.__table__
-_TK = TenantKeyRow.__table__
+_CRED = CREDENTIALS
+_TK = TENANT_KEYS
 _INFO_COLUMNS = (
     _CRED.c.pk, _CRED.c.credential_id, _CRED.c.tenant_id, _CRED.c.provider, _CRED.c.masked,
     _CRED.c.kek_version, _CRED.c.key_generation, _CRED.c.context_json, _CRED.c.created_at,
@@ -124,7 +124,8 @@ class CredentialCatalog:
 
         Raises :class:`CredentialNotFoundError` if the id is not this tenant's.
         """
-        with self._attempts.attempt("delete", actor or self.actor, tenant_id, credential_ref) as attempt:
+        actor = actor or self.actor
+        with self._attempts.attempt("delete", actor, tenant_id, credential_ref) as attempt:
             tenant = validate_tenant_id(tenant_id)
             ref = as_encrypted_ref(credential_ref)
             with self._sessions.begin() as session:

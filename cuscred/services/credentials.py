@@ -18,7 +18,7 @@ from sqlalchemy import select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from cuscred.config import Settings
-from cuscred.db.models import Credential, utcnow
+from cuscred.db.models import CREDENTIALS, utcnow
 from cuscred.errors import ConcurrentUpdateError, CredentialNotFoundError, InvalidInputError
 from cuscred.ids import new_credential_id
 from cuscred.masking import mask_credential, masked_hint
@@ -34,7 +34,7 @@ from cuscred.services.sealing import context_from_json, context_to_json, open_ro
 from cuscred.validation import validate_context, validate_secret, validate_tenant_id
 from cuscred.vault.client import VaultKV
 
-_CRED = Credential.__table__
+_CRED = CREDENTIALS
 _ROW = (
     _CRED.c.pk, _CRED.c.tenant_id, _CRED.c.ciphertext, _CRED.c.kek_version,
     _CRED.c.key_generation, _CRED.c.fingerprint, _CRED.c.row_version, _CRED.c.context_json,

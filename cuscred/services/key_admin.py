@@ -14,14 +14,14 @@ from datetime import datetime
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
-from cuscred.db.models import Credential, KekVersion, KeyState, TenantKeyRow
+from cuscred.db.models import CREDENTIALS, KEK_VERSIONS, TENANT_KEYS, KeyState
 from cuscred.services.attempts import AttemptRecorder
 from cuscred.services.audit import AuditLog
 from cuscred.services.keys import KeyManager
 
-_KV = KekVersion.__table__
-_TK = TenantKeyRow.__table__
-_CRED = Credential.__table__
+_KV = KEK_VERSIONS
+_TK = TENANT_KEYS
+_CRED = CREDENTIALS
 
 
 @dataclass(frozen=True, slots=True)

@@ -17,6 +17,7 @@ Caches (per process, bounded, TTL'd, never persisted or pickled):
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 import time
@@ -30,14 +31,14 @@ from sqlalchemy.orm import Session
 from cuscred.config import KdfName, Settings
 from cuscred.crypto.kdf import KdfParams, derive_tenant_key
 from cuscred.crypto.keys import Kek, TenantKey
-from cuscred.db.models import Credential, KekVersion, KeyState, TenantKeyRow, utcnow
+from cuscred.db.models import CREDENTIALS, KEK_VERSIONS, TENANT_KEYS, KeyState, utcnow
 from cuscred.errors import ConfigurationError, DecryptionError, KeyStateError
 from cuscred.kek.source import KekSource
 
 SALT_BYTES = 32
-_KV = KekVersion.__table__
-_TK = TenantKeyRow.__table__
-_CRED = Credential.__table__
+_KV = KEK_VERSIONS
+_TK = TENANT_KEYS
+_CRED = CREDENTIALS
 
 #: Allowed KEK state transitions; everything else is refused.
 _TRANSITIONS: dict[tuple[str | None, KeyState], str] = {
@@ -149,19 +150,18 @@ class KeyManager:
         if latest is None:
             raise ConfigurationError(
                 f"the {self.source.kind} KEK source holds no key; create one with "
-                "`cuscred keygen` (local) or `cuscred kek create` (Vault)"
+                "`cuscred keygen` (local) or `cuscred keys create` (Vault)"
             )
         self.kek(latest)  # refuse to adopt a version that cannot be loaded
-        with session.begin_nested():
-            try:
-                session.execute(
-                    _KV.insert().values(
-                        version=latest, state=KeyState.ACTIVE, source=self.source.kind,
-                        created_at=utcnow(), activated_at=utcnow(),
-                    )
+        # Another process may bootstrap at the same moment: the primary key lets one win and
+        # the loser reads the winner's choice below.
+        with contextlib.suppress(IntegrityError), session.begin_nested():
+            session.execute(
+                _KV.insert().values(
+                    version=latest, state=KeyState.ACTIVE, source=self.source.kind,
+                    created_at=utcnow(), activated_at=utcnow(),
                 )
-            except IntegrityError:
-                pass  # another process bootstrapped concurrently; read its choice below
+            )
         return self.active_kek_version(session)
 
     def ensure_decryptable(self, session: Session, version: int) -> None:

@@ -54,7 +54,9 @@ def upgrade() -> None:
             "(kdf = 'pbkdf2-sha256' AND iterations >= 100000)",
             name=op.f("ck_tenant_keys_iterations"),
         ),
-        sa.CheckConstraint("kdf IN ('hkdf-sha256', 'pbkdf2-sha256')", name=op.f("ck_tenant_keys_kdf")),
+        sa.CheckConstraint(
+            "kdf IN ('hkdf-sha256', 'pbkdf2-sha256')", name=op.f("ck_tenant_keys_kdf")
+        ),
         sa.CheckConstraint(STATES, name=op.f("ck_tenant_keys_state")),
         sa.PrimaryKeyConstraint("tenant_id", "generation", name=op.f("pk_tenant_keys")),
     )
