@@ -93,9 +93,15 @@ class KeyAdmin:
         return [(t, int(g), s, k, int(n)) for t, g, s, k, n in session.execute(query).all()]
 
     def create_version(self, *, actor: str | None = None) -> int:
-        """Step 1: write a new KEK version to the source and record it ``decrypt_only``."""
+        """Step 1: write a new KEK version to the source and record it ``decrypt_only``.
+
+        On a fresh installation (no version recorded yet) the first version becomes ``active``
+        at once: there is nothing to keep readable and nothing to re-encrypt.
+        """
+        with self._sessions() as session:
+            first = not self._keys.kek_states(session, fresh=True)
         version = self._keys.source.add_version()
-        self.set_state(version, KeyState.DECRYPT_ONLY, actor=actor)
+        self.set_state(version, KeyState.ACTIVE if first else KeyState.DECRYPT_ONLY, actor=actor)
         return version
 
     def adopt_or_create(self, *, actor: str | None = None) -> int:
