@@ -82,8 +82,8 @@ def main(workdir: Path = Path(".demo")) -> int:
         console.print(f"KEK v{v.version}: {v.state:<12} {v.credentials} credentials")
 
     console.rule("audit")
-    with runtime.sessions() as session:
-        report = verify_chain(session, runtime.audit.keys)
+    with runtime.engine.connect() as conn:
+        report = verify_chain(conn, runtime.audit.keys)
     console.print(f"audit chain {'OK' if report.ok else 'BROKEN'}: {report.rows_checked} rows, "
                   f"head {report.head_seq}:{report.head_mac[:16]}…")
     runtime.engine.dispose()

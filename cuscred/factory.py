@@ -42,12 +42,12 @@ class Runtime:
         self, *, environ: Mapping[str, str] | None = None, actor: str | None = None
     ) -> CredentialService:
         return CredentialService(
-            self.settings, self.sessions, self.keys, self.audit,
+            self.settings, self.engine, self.keys, self.audit,
             vault_kv=self.vault_kv, environ=environ, actor=actor,
         )
 
     def key_admin(self, *, actor: str | None = None) -> KeyAdmin:
-        return KeyAdmin(self.sessions, self.keys, self.audit, actor or self.settings.default_actor)
+        return KeyAdmin(self.engine, self.keys, self.audit, actor or self.settings.default_actor)
 
     def dispose(self) -> None:
         """Close pooled connections (call in a child process after fork)."""

@@ -9,6 +9,7 @@ rows and error messages.
 
 from __future__ import annotations
 
+import re
 import secrets
 
 PREFIX = "cred_"
@@ -18,7 +19,9 @@ BODY_LENGTH = 26
 CREDENTIAL_ID_LENGTH = len(PREFIX) + BODY_LENGTH  # 31
 _BITS = 128
 _FIRST_CHARS = frozenset(ALPHABET[: 2 ** (_BITS - 5 * (BODY_LENGTH - 1))])  # "01234567"
-_BODY_CHARS = frozenset(ALPHABET)
+_ID_PATTERN = re.compile(
+    re.escape(PREFIX) + f"[{''.join(sorted(_FIRST_CHARS))}][{ALPHABET}]{{{BODY_LENGTH - 1}}}"
+)
 
 
 def new_credential_id() -> str:
@@ -37,8 +40,7 @@ def is_credential_id(value: object) -> bool:
     text = str.__str__(value)  # a plain str, whatever subclass came in
     if len(text) != CREDENTIAL_ID_LENGTH or not text.startswith(PREFIX):
         return False
-    body = text[len(PREFIX) :]
-    return body[0] in _FIRST_CHARS and all(ch in _BODY_CHARS for ch in body)
+    return _ID_PATTERN.fullmatch(text) is not None
 
 
 def _encode(value: int) -> str:

@@ -31,6 +31,9 @@ def _run(connection: Connection) -> None:
         target_metadata=target_metadata,
         render_as_batch=connection.dialect.name == "sqlite",
         compare_type=True,
+        # Our SQLite engine issues BEGIN itself (cuscred.db.session), so DDL is transactional
+        # there too: a failed migration run leaves the database as it was, on both backends.
+        transactional_ddl=True,
     )
     try:
         with context.begin_transaction():

@@ -22,8 +22,8 @@ def _fill(runtime: Runtime, n: int = 6) -> list[str]:
 
 
 def _verify(runtime: Runtime):  # type: ignore[no-untyped-def]
-    with runtime.sessions() as s:
-        return verify_chain(s, runtime.audit.keys)
+    with runtime.engine.connect() as conn:
+        return verify_chain(conn, runtime.audit.keys)
 
 
 def test_honest_chain_verifies(runtime: Runtime) -> None:

@@ -215,7 +215,7 @@ def test_env_reference_in_development_only(runtime: Runtime) -> None:
     from cuscred.services.credentials import CredentialService as Svc
 
     prod_settings = runtime.settings.model_copy(update={"env": "production"})
-    prod = Svc(prod_settings, runtime.sessions, runtime.keys, runtime.audit, environ=environ)
+    prod = Svc(prod_settings, runtime.engine, runtime.keys, runtime.audit, environ=environ)
     with pytest.raises(EnvReferenceDisabledError):
         prod.resolve_credential("tenant-a", "env://DEV_SECRET_OPENAI")
 

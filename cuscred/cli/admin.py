@@ -147,8 +147,8 @@ def audit_verify(
 ) -> None:
     """Walk the audit chain; exit 8 naming the first edited, inserted or deleted row."""
     runtime = state(ctx).runtime
-    with handled(), runtime.sessions() as session:
-        report = verify_chain(session, runtime.audit.keys)
+    with handled(), runtime.engine.connect() as conn:
+        report = verify_chain(conn, runtime.audit.keys)
     problem, seq = report.problem, report.problem_seq
     if report.ok and expect_head:
         want_seq, _, want_mac = expect_head.partition(":")

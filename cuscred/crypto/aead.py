@@ -17,6 +17,7 @@ from cryptography.exceptions import InvalidTag
 
 from cuscred.crypto.header import (
     NONCE_LEN,
+    UnverifiedCiphertext,
     canonical_aad,
     pack_header,
     parse_unverified,
@@ -63,7 +64,19 @@ def decrypt(
     The caller picks ``key`` from the versions in the header (see :func:`parse_unverified`);
     this function re-checks that they match, so a wrong key can never be tried by mistake.
     """
-    parsed = parse_unverified(blob)
+    return decrypt_parsed(
+        key, parse_unverified(blob), credential_id=credential_id, context=context
+    )
+
+
+def decrypt_parsed(
+    key: TenantKey,
+    parsed: UnverifiedCiphertext,
+    *,
+    credential_id: str,
+    context: Mapping[str, str],
+) -> bytes:
+    """:func:`decrypt` for a caller that already split the blob to choose the key."""
     if (parsed.kek_version, parsed.key_generation) != (key.kek_version, key.generation):
         raise DecryptionError()
     aad = canonical_aad(parsed.header, key.tenant_id, credential_id, context)
@@ -73,4 +86,4 @@ def decrypt(
         raise DecryptionError() from None
 
 
-__all__ = ["decrypt", "encrypt"]
+__all__ = ["decrypt", "decrypt_parsed", "encrypt"]

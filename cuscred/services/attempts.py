@@ -14,8 +14,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
+from sqlalchemy import Engine
 from sqlalchemy.exc import SQLAlchemyError
-from sqlalchemy.orm import Session, sessionmaker
 
 from cuscred.errors import (
     CuscredError,
@@ -24,7 +24,7 @@ from cuscred.errors import (
     ScopeError,
     StorageError,
 )
-from cuscred.references import EncryptedRef, parse_reference
+from cuscred.references import EncryptedRef, Reference, parse_reference
 from cuscred.services.audit import AuditLog, AuditRecord, Outcome, fingerprint_reference
 
 _DENIALS = (ScopeError, PermissionDeniedError, EnvReferenceDisabledError)
@@ -40,6 +40,8 @@ class Attempt:
     tenant_id: str | None
     credential_id: str | None = None
     ref_fingerprint: str | None = None
+    #: The reference the call is about, parsed once (None if absent or malformed).
+    reference: Reference | None = None
     #: Set when the call refuses for a reason the caller must not learn (e.g. cross-tenant).
     denied_reason: str | None = None
     success_reason: str | None = field(default=None)
@@ -63,8 +65,8 @@ class Attempt:
 class AttemptRecorder:
     """Opens audited attempts for the credential service."""
 
-    def __init__(self, sessions: sessionmaker[Session], audit: AuditLog) -> None:
-        self._sessions = sessions
+    def __init__(self, engine: Engine, audit: AuditLog) -> None:
+        self._engine = engine
         self._audit = audit
 
     @contextmanager
@@ -93,24 +95,24 @@ class AttemptRecorder:
         if not isinstance(reference, str):
             return
         try:
-            parsed = parse_reference(reference)
+            parsed = attempt.reference = parse_reference(reference)
         except CuscredError:
             parsed = None
         if isinstance(parsed, EncryptedRef):
             attempt.credential_id = parsed.credential_id
             return
         try:
-            with self._sessions() as session:
+            with self._engine.connect() as conn:
                 attempt.ref_fingerprint = fingerprint_reference(
-                    self._audit.keys, session, reference
+                    self._audit.keys, conn, reference
                 )
         except (CuscredError, SQLAlchemyError):
             attempt.ref_fingerprint = None  # no KEK to key it with; the row still records the try
 
     def _record_failure(self, attempt: Attempt, exc: CuscredError) -> None:
         try:
-            with self._sessions.begin() as session:
-                self._audit.append(session, [attempt.failure(exc)])
+            with self._engine.begin() as conn:
+                self._audit.append(conn, [attempt.failure(exc)])
         except (CuscredError, SQLAlchemyError):
             exc.add_note("the failed attempt could not be written to the audit trail")
 

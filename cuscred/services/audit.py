@@ -8,7 +8,8 @@ deleting one. Deleting rows from the *end* of the chain leaves a valid shorter c
 by comparing the head that ``verify`` prints with one kept elsewhere (``--expect-head``).
 
 Appends are serialised: on PostgreSQL by a transaction-scoped advisory lock taken just before the
-tail is read (and released by the commit), on SQLite by the database write lock that every
+tail is read, in one round trip by the function ``cuscred_audit_locked_tail`` (migration 0002),
+and released by the commit; on SQLite by the database write lock that every
 transaction takes at ``BEGIN IMMEDIATE``. The append is the last statement before commit, so the
 lock is held for one insert. The primary key on ``seq`` is the backstop: two writers can never
 both extend the chain from the same tail.
@@ -21,25 +22,32 @@ from __future__ import annotations
 
 import hmac
 import struct
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
+from typing import Any
 
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
-from sqlalchemy import insert, select, text
+from sqlalchemy import BigInteger, Select, func, insert, literal, select, text
 from sqlalchemy.exc import SQLAlchemyError
-from sqlalchemy.orm import Session
 
 from cuscred.crypto.keys import Kek
 from cuscred.db.models import AUDIT_EVENTS, utcnow
+from cuscred.db.raw import Executor
 from cuscred.errors import AuditWriteError, CuscredError
 
 GENESIS_MAC = "0" * 64
 AUDIT_LOCK_ID = 0x6375736175646974  # "cusaudit"
 _AUDIT_INFO = b"cuscred/audit/v1"
 _LEN = struct.Struct(">I")
+_NONE = b"\xff\xff\xff\xff"  # a length no real field can have
+_ZERO = timedelta(0)
 _TABLE = AUDIT_EVENTS
+# Statements built once: building a Core statement costs more than executing a cached one.
+_INSERT = insert(_TABLE)
+_TAIL = select(_TABLE.c.seq, _TABLE.c.mac).order_by(_TABLE.c.seq.desc()).limit(1)
+_PG_LOCKED_TAIL = text("SELECT seq, mac FROM cuscred_audit_locked_tail(:id)")
 
 
 class Outcome:
@@ -65,14 +73,14 @@ class AuditKeys:
     """Audit MAC keys derived from KEK versions, cached per version."""
 
     def __init__(
-        self, kek_for: Callable[[int], Kek], active_version: Callable[[Session], int]
+        self, kek_for: Callable[[int], Kek], active_version: Callable[[Executor], int]
     ) -> None:
         self._kek_for = kek_for
         self._active_version = active_version
         self._keys: dict[int, bytes] = {}
 
-    def active(self, session: Session) -> tuple[int, bytes]:
-        version = self._active_version(session)
+    def active(self, conn: Executor) -> tuple[int, bytes]:
+        version = self._active_version(conn)
         return version, self.for_version(version)
 
     def for_version(self, version: int) -> bytes:
@@ -90,29 +98,67 @@ class AuditKeys:
         raise TypeError("AuditKeys holds key material and cannot be pickled")
 
 
-def _canonical(row: dict[str, object]) -> bytes:
-    out = bytearray()
-    for name in (
-        "seq", "ts", "actor", "tenant_id", "credential_id", "ref_fingerprint",
-        "action", "outcome", "reason", "key_version",
-    ):
+_CANONICAL_FIELDS = (
+    "seq", "ts", "actor", "tenant_id", "credential_id", "ref_fingerprint",
+    "action", "outcome", "reason", "key_version",
+)
+
+
+def _canonical(row: Mapping[str, object]) -> bytes:
+    """Length-prefixed fields (None distinct from ""), timestamps as UTC ISO-8601 with
+    microseconds (every timestamp here is UTC-aware: see ``UtcDateTime``)."""
+    parts = []
+    for name in _CANONICAL_FIELDS:
         value = row[name]
+        if value is None:
+            parts.append(_NONE)
+            continue
         if isinstance(value, datetime):
-            value = value.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
-        field = b"\xff" if value is None else str(value).encode()
-        out += _LEN.pack(len(field)) + field
-    return bytes(out)
+            if value.utcoffset() != _ZERO:
+                value = value.astimezone(UTC)
+            value = value.isoformat(timespec="microseconds")
+        field = str(value).encode()
+        parts.append(_LEN.pack(len(field)))
+        parts.append(field)
+    return b"".join(parts)
 
 
-def compute_mac(key: bytes, prev_mac: str, row: dict[str, object]) -> str:
-    return hmac.new(key, prev_mac.encode() + _canonical(row), "sha256").hexdigest()
+def compute_mac(key: bytes, prev_mac: str, row: Mapping[str, object]) -> str:
+    return hmac.digest(key, prev_mac.encode() + _canonical(row), "sha256").hex()
 
 
-def fingerprint_reference(keys: AuditKeys, session: Session, reference: str) -> str:
+def fingerprint_reference(keys: AuditKeys, conn: Executor, reference: str) -> str:
     """A keyed, truncated fingerprint: equal references compare equal under one KEK version,
     and the reference itself cannot be recovered or brute-forced without the KEK."""
-    _, key = keys.active(session)
-    return hmac.new(key, b"ref\x00" + reference.encode(), "sha256").hexdigest()[:32]
+    _, key = keys.active(conn)
+    return hmac.digest(key, b"ref\x00" + reference.encode(), "sha256").hex()[:32]
+
+
+def with_locked_tail(query: Select[Any], dialect_name: str) -> Select[Any]:
+    """``query`` plus the chain's tail as columns ``tail_seq`` and ``tail_mac``, read under the
+    chain lock, so an access reads its row and the tail in one round trip.
+
+    PostgreSQL joins ``cuscred_audit_locked_tail`` (lock, then a fresh-snapshot read); on SQLite
+    the transaction's ``BEGIN IMMEDIATE`` already holds the lock, so plain subqueries suffice.
+    The tail columns are NULL for an empty chain. A query that returns no row may not have
+    taken the lock; such a caller writes nothing and must not call :meth:`AuditLog.append`
+    with a tail.
+    """
+    if dialect_name == "postgresql":
+        fn = func.cuscred_audit_locked_tail(
+            literal(AUDIT_LOCK_ID, BigInteger())
+        ).table_valued("seq", "mac")
+        return query.add_columns(fn.c.seq.label("tail_seq"), fn.c.mac.label("tail_mac"))
+    last = select(_TABLE.c.seq, _TABLE.c.mac).order_by(_TABLE.c.seq.desc()).limit(1).subquery()
+    return query.add_columns(
+        select(last.c.seq).scalar_subquery().label("tail_seq"),
+        select(last.c.mac).scalar_subquery().label("tail_mac"),
+    )
+
+
+def tail_of(row: Any) -> tuple[int, str]:
+    """The (seq, mac) tail from a row of a :func:`with_locked_tail` query."""
+    return (0, GENESIS_MAC) if row.tail_seq is None else (int(row.tail_seq), str(row.tail_mac))
 
 
 class AuditLog:
@@ -121,10 +167,18 @@ class AuditLog:
     def __init__(self, keys: AuditKeys) -> None:
         self.keys = keys
 
-    def append(self, session: Session, records: Iterable[AuditRecord]) -> None:
-        """Append ``records`` to the chain in the session's open transaction.
+    def append(
+        self,
+        conn: Executor,
+        records: Iterable[AuditRecord],
+        *,
+        tail: tuple[int, str] | None = None,
+    ) -> None:
+        """Append ``records`` to the chain in the connection's open transaction.
 
-        Must be the last write before commit (the chain lock is held until then).
+        Must be the last write before commit (the chain lock is held until then). ``tail`` is
+        the chain's (seq, mac) if the caller already read it under the lock in its own query
+        (:func:`with_locked_tail`); otherwise it is read here.
         Raises :class:`AuditWriteError` if the events cannot be written; the caller's
         transaction must then be rolled back, so the access it records does not happen.
         """
@@ -132,8 +186,8 @@ class AuditLog:
         if not records:
             return
         try:
-            version, key = self.keys.active(session)
-            seq, prev_mac = self._lock_tail(session)
+            version, key = self.keys.active(conn)
+            seq, prev_mac = tail if tail is not None else self._lock_tail(conn)
             ts = utcnow()
             rows = []
             for record in records:
@@ -147,20 +201,25 @@ class AuditLog:
                 row["prev_mac"] = prev_mac
                 row["mac"] = prev_mac = compute_mac(key, prev_mac, row)
                 rows.append(row)
-            session.execute(insert(_TABLE), rows)
+            conn.execute(_INSERT, rows if len(rows) > 1 else rows[0])
         except CuscredError as exc:
             raise AuditWriteError(f"audit event not written: {exc.code}") from exc
         except SQLAlchemyError as exc:
             raise AuditWriteError("audit event not written: database error") from exc
 
     @staticmethod
-    def _lock_tail(session: Session) -> tuple[int, str]:
-        if session.get_bind().dialect.name == "postgresql":
-            session.execute(text("SELECT pg_advisory_xact_lock(:id)"), {"id": AUDIT_LOCK_ID})
-        tail = session.execute(
-            select(_TABLE.c.seq, _TABLE.c.mac).order_by(_TABLE.c.seq.desc()).limit(1)
-        ).first()
-        return (0, GENESIS_MAC) if tail is None else (int(tail.seq), str(tail.mac))
+    def _lock_tail(conn: Executor) -> tuple[int, str]:
+        if conn.dialect.name == "postgresql":
+            # One round trip: the function takes the lock, then reads the tail with a fresh
+            # snapshot (a single SELECT would read with a snapshot from before the lock wait).
+            tail = conn.execute(_PG_LOCKED_TAIL, {"id": AUDIT_LOCK_ID}).first()
+            if tail is None or tail.seq is None:
+                return 0, GENESIS_MAC
+        else:
+            tail = conn.execute(_TAIL).first()  # SQLite: BEGIN IMMEDIATE holds the write lock
+            if tail is None:
+                return 0, GENESIS_MAC
+        return int(tail.seq), str(tail.mac)
 
 
 __all__ = [
@@ -171,4 +230,6 @@ __all__ = [
     "Outcome",
     "compute_mac",
     "fingerprint_reference",
+    "tail_of",
+    "with_locked_tail",
 ]

@@ -12,8 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import select
-from sqlalchemy.orm import Session
+from sqlalchemy import Connection, select
 
 from cuscred.db.models import AUDIT_EVENTS
 from cuscred.errors import CuscredError
@@ -39,12 +38,15 @@ class VerifyReport:
     detail: str | None = None
 
 
-def verify_chain(session: Session, keys: AuditKeys, *, batch: int = 5000) -> VerifyReport:
+def verify_chain(conn: Connection, keys: AuditKeys, *, batch: int = 5000) -> VerifyReport:
     """Check the whole chain. Never raises for a broken chain: it reports it."""
-    rows = session.execute(select(*(_TABLE.c[f] for f in _FIELDS)).order_by(_TABLE.c.seq))
+    # A server-side cursor on PostgreSQL: the chain may hold millions of rows.
+    rows = conn.execution_options(stream_results=True, yield_per=batch).execute(
+        select(*(_TABLE.c[f] for f in _FIELDS)).order_by(_TABLE.c.seq)
+    )
     prev_seq, prev_mac, checked = 0, GENESIS_MAC, 0
     pending: dict[str, Any] | None = None
-    for mapping in rows.mappings().yield_per(batch):
+    for mapping in rows.mappings():
         row = dict(mapping)
         if pending is not None:
             # The previous row's MAC failed; decide edited vs inserted from this row's link.

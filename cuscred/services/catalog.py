@@ -8,8 +8,7 @@ from dataclasses import asdict, dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import delete, func, select
-from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy import Engine, delete, func, select
 
 from cuscred.db.models import CREDENTIALS, TENANT_KEYS
 from cuscred.errors import CredentialNotFoundError, InvalidInputError
@@ -68,14 +67,14 @@ class CredentialCatalog:
 
     def __init__(
         self,
-        sessions: sessionmaker[Session],
+        engine: Engine,
         keys: KeyManager,
         audit: AuditLog,
         attempts: AttemptRecorder,
         actor: str,
     ) -> None:
         self.actor = actor
-        self._sessions = sessions
+        self._engine = engine
         self._keys = keys
         self._audit = audit
         self._attempts = attempts
@@ -87,8 +86,8 @@ class CredentialCatalog:
         """
         tenant = validate_tenant_id(tenant_id)
         ref = as_encrypted_ref(credential_ref)
-        with self._sessions() as session:
-            row = session.execute(
+        with self._engine.connect() as conn:
+            row = conn.execute(
                 select(*_INFO_COLUMNS).where(
                     _CRED.c.credential_id == ref.credential_id, _CRED.c.tenant_id == tenant
                 )
@@ -108,13 +107,13 @@ class CredentialCatalog:
         if after is not None and not is_credential_id(after):
             raise InvalidInputError("after must be a credential id (cred_...)")
         query = select(*_INFO_COLUMNS).where(_CRED.c.tenant_id == tenant)
-        with self._sessions() as session:
+        with self._engine.connect() as conn:
             if after is not None:
                 after_pk = select(_CRED.c.pk).where(
                     _CRED.c.credential_id == after, _CRED.c.tenant_id == tenant
                 ).scalar_subquery()
                 query = query.where(_CRED.c.pk > func.coalesce(after_pk, 0))
-            rows = session.execute(query.order_by(_CRED.c.pk).limit(limit)).all()
+            rows = conn.execute(query.order_by(_CRED.c.pk).limit(limit)).all()
         return [_info(r) for r in rows]
 
     def delete_credential(
@@ -128,8 +127,8 @@ class CredentialCatalog:
         with self._attempts.attempt("delete", actor, tenant_id, credential_ref) as attempt:
             tenant = validate_tenant_id(tenant_id)
             ref = as_encrypted_ref(credential_ref)
-            with self._sessions.begin() as session:
-                owner = session.execute(
+            with self._engine.begin() as conn:
+                owner = conn.execute(
                     select(_CRED.c.tenant_id).where(_CRED.c.credential_id == ref.credential_id)
                 ).scalar()
                 if owner != tenant:
@@ -138,8 +137,8 @@ class CredentialCatalog:
                     raise CredentialNotFoundError(
                         f"no credential {ref.credential_id} for this tenant"
                     )
-                session.execute(delete(_CRED).where(_CRED.c.credential_id == ref.credential_id))
-                self._audit.append(session, [attempt.success()])
+                conn.execute(delete(_CRED).where(_CRED.c.credential_id == ref.credential_id))
+                self._audit.append(conn, [attempt.success()])
 
     def shred_tenant(self, tenant_id: str, *, actor: str | None = None) -> int:
         """Crypto-shred a tenant: delete its key generations (salts) and every credential
@@ -150,14 +149,14 @@ class CredentialCatalog:
         """
         with self._attempts.attempt("shred_tenant", actor or self.actor, tenant_id) as attempt:
             tenant = validate_tenant_id(tenant_id)
-            with self._sessions.begin() as session:
-                count = session.execute(
+            with self._engine.begin() as conn:
+                count = conn.execute(
                     select(func.count()).where(_CRED.c.tenant_id == tenant)
                 ).scalar_one()
-                session.execute(delete(_CRED).where(_CRED.c.tenant_id == tenant))
-                session.execute(delete(_TK).where(_TK.c.tenant_id == tenant))
+                conn.execute(delete(_CRED).where(_CRED.c.tenant_id == tenant))
+                conn.execute(delete(_TK).where(_TK.c.tenant_id == tenant))
                 attempt.success_reason = f"credentials={count}"
-                self._audit.append(session, [attempt.success()])
+                self._audit.append(conn, [attempt.success()])
             self._keys.forget_tenant(tenant)
             return int(count)
 

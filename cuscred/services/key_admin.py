@@ -11,8 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime
 
-from sqlalchemy import func, select
-from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy import Connection, Engine, func, select
 
 from cuscred.db.models import CREDENTIALS, KEK_VERSIONS, TENANT_KEYS, KeyState
 from cuscred.services.attempts import AttemptRecorder
@@ -50,19 +49,19 @@ class KeyAdmin:
     """Audited key-version operations for the CLI and the rotation tasks."""
 
     def __init__(
-        self, sessions: sessionmaker[Session], keys: KeyManager, audit: AuditLog, actor: str
+        self, engine: Engine, keys: KeyManager, audit: AuditLog, actor: str
     ) -> None:
-        self._sessions = sessions
+        self._engine = engine
         self._keys = keys
         self._audit = audit
-        self._attempts = AttemptRecorder(sessions, audit)
+        self._attempts = AttemptRecorder(engine, audit)
         self.actor = actor
 
     def status(self, *, per_tenant: bool = True) -> KeyStatus:
         """Counts from the indexed version columns: no decryption, one grouped query each."""
-        with self._sessions() as session:
-            census = self._keys.census(session)
-            rows = session.execute(select(_KV).order_by(_KV.c.version)).all()
+        with self._engine.connect() as conn:
+            census = self._keys.census(conn)
+            rows = conn.execute(select(_KV).order_by(_KV.c.version)).all()
             versions = [
                 KekVersionStatus(
                     version=r.version, state=r.state, source=r.source, created_at=r.created_at,
@@ -72,12 +71,12 @@ class KeyAdmin:
                 for r in rows
             ]
             known = {v.version for v in versions}
-            tenants = self._tenant_census(session) if per_tenant else []
+            tenants = self._tenant_census(conn) if per_tenant else []
         unregistered = {v: n for v, n in census.items() if v not in known}
         return KeyStatus(versions, unregistered, tenants)
 
     @staticmethod
-    def _tenant_census(session: Session) -> list[tuple[str, int, str, str, int]]:
+    def _tenant_census(conn: Connection) -> list[tuple[str, int, str, str, int]]:
         counts = (
             select(_CRED.c.tenant_id, _CRED.c.key_generation, func.count().label("n"))
             .group_by(_CRED.c.tenant_id, _CRED.c.key_generation)
@@ -90,7 +89,7 @@ class KeyAdmin:
                        & (counts.c.key_generation == _TK.c.generation))
             .order_by(_TK.c.tenant_id, _TK.c.generation)
         )
-        return [(t, int(g), s, k, int(n)) for t, g, s, k, n in session.execute(query).all()]
+        return [(t, int(g), s, k, int(n)) for t, g, s, k, n in conn.execute(query).all()]
 
     def create_version(self, *, actor: str | None = None) -> int:
         """Step 1: write a new KEK version to the source and record it ``decrypt_only``.
@@ -98,16 +97,16 @@ class KeyAdmin:
         On a fresh installation (no version recorded yet) the first version becomes ``active``
         at once: there is nothing to keep readable and nothing to re-encrypt.
         """
-        with self._sessions() as session:
-            first = not self._keys.kek_states(session, fresh=True)
+        with self._engine.connect() as conn:
+            first = not self._keys.kek_states(conn, fresh=True)
         version = self._keys.source.add_version()
         self.set_state(version, KeyState.ACTIVE if first else KeyState.DECRYPT_ONLY, actor=actor)
         return version
 
     def adopt_or_create(self, *, actor: str | None = None) -> int:
         """Step 1, idempotent: adopt a newer version an operator wrote, else create one."""
-        with self._sessions() as session:
-            known = self._keys.kek_states(session, fresh=True)
+        with self._engine.connect() as conn:
+            known = self._keys.kek_states(conn, fresh=True)
         latest = self._keys.source.latest_version()
         if latest is not None and latest not in known and latest > max(known, default=0):
             self.set_state(latest, KeyState.DECRYPT_ONLY, actor=actor)
@@ -123,10 +122,10 @@ class KeyAdmin:
         that would become usable cannot be loaded.
         """
         with self._attempts.attempt("kek_state", actor or self.actor, None) as attempt:
-            with self._sessions.begin() as session:
-                action = self._keys.set_kek_state(session, version, target)
+            with self._engine.begin() as conn:
+                action = self._keys.set_kek_state(conn, version, target)
                 attempt.success_reason = f"v{version}:{action}"
-                self._audit.append(session, [attempt.success()])
+                self._audit.append(conn, [attempt.success()])
             return action
 
     def promote(self, version: int, *, actor: str | None = None) -> str:

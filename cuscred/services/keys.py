@@ -24,18 +24,24 @@ import time
 from dataclasses import dataclass
 
 from cachetools import LRUCache, TTLCache
-from sqlalchemy import func, select, update
+from sqlalchemy import Connection, bindparam, func, select, update
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.orm import Session
 
 from cuscred.config import KdfName, Settings
 from cuscred.crypto.kdf import KdfParams, derive_tenant_key
 from cuscred.crypto.keys import Kek, TenantKey
 from cuscred.db.models import CREDENTIALS, KEK_VERSIONS, TENANT_KEYS, KeyState, utcnow
+from cuscred.db.raw import Executor
 from cuscred.errors import ConfigurationError, DecryptionError, KeyStateError
 from cuscred.kek.source import KekSource
 
 SALT_BYTES = 32
+# Statements on the resolve path are built once (see cuscred.db.raw).
+_STATES = select(KEK_VERSIONS.c.version, KEK_VERSIONS.c.state)
+_TENANT_PARAMS = select(TENANT_KEYS.c.salt, TENANT_KEYS.c.kdf, TENANT_KEYS.c.iterations).where(
+    TENANT_KEYS.c.tenant_id == bindparam("tenant_id"),
+    TENANT_KEYS.c.generation == bindparam("generation"),
+)
 _KV = KEK_VERSIONS
 _TK = TENANT_KEYS
 _CRED = CREDENTIALS
@@ -122,29 +128,29 @@ class KeyManager:
                 self._keks[version] = kek
         return kek
 
-    def kek_states(self, session: Session, *, fresh: bool = False) -> dict[int, str]:
+    def kek_states(self, conn: Executor, *, fresh: bool = False) -> dict[int, str]:
         now = time.monotonic()
         if fresh or now - self._states_read_at > self.settings.key_state_ttl_s:
-            rows = session.execute(select(_KV.c.version, _KV.c.state)).all()
+            rows = conn.execute(_STATES).all()
             states = {int(v): str(s) for v, s in rows}
             with self._lock:
                 self._states, self._states_read_at = states, now
         return self._states
 
-    def active_kek_version(self, session: Session, *, fresh: bool = True) -> int:
+    def active_kek_version(self, conn: Executor, *, fresh: bool = True) -> int:
         """The version new ciphertexts use. Adopts the source's newest version on first use."""
-        states = self.kek_states(session, fresh=fresh)
+        states = self.kek_states(conn, fresh=fresh)
         active = [v for v, s in states.items() if s == KeyState.ACTIVE]
         if active:
             return active[0]
-        if states:
+        if states or not isinstance(conn, Connection):
             raise ConfigurationError("no active KEK version; promote one with `cuscred keys`")
-        return self._bootstrap(session)
+        return self._bootstrap(conn)
 
-    def cached_active_kek_version(self, session: Session) -> int:
-        return self.active_kek_version(session, fresh=False)
+    def cached_active_kek_version(self, conn: Executor) -> int:
+        return self.active_kek_version(conn, fresh=False)
 
-    def _bootstrap(self, session: Session) -> int:
+    def _bootstrap(self, conn: Connection) -> int:
         # Adopting a key that exists is not generating one: a missing key stays an error.
         latest = self.source.latest_version()
         if latest is None:
@@ -155,41 +161,41 @@ class KeyManager:
         self.kek(latest)  # refuse to adopt a version that cannot be loaded
         # Another process may bootstrap at the same moment: the primary key lets one win and
         # the loser reads the winner's choice below.
-        with contextlib.suppress(IntegrityError), session.begin_nested():
-            session.execute(
+        with contextlib.suppress(IntegrityError), conn.begin_nested():
+            conn.execute(
                 _KV.insert().values(
                     version=latest, state=KeyState.ACTIVE, source=self.source.kind,
                     created_at=utcnow(), activated_at=utcnow(),
                 )
             )
-        return self.active_kek_version(session)
+        return self.active_kek_version(conn)
 
-    def ensure_decryptable(self, session: Session, version: int) -> None:
+    def ensure_decryptable(self, conn: Executor, version: int) -> None:
         """Refuse a KEK version that is retired or unknown (opaquely: it is a data problem)."""
-        state = self.kek_states(session).get(version)
+        state = self.kek_states(conn).get(version)
         if state is None or state == KeyState.RETIRED:
-            state = self.kek_states(session, fresh=True).get(version)
+            state = self.kek_states(conn, fresh=True).get(version)
         if state not in (KeyState.ACTIVE, KeyState.DECRYPT_ONLY):
             raise DecryptionError()
 
-    def census(self, session: Session) -> dict[int, int]:
+    def census(self, conn: Connection) -> dict[int, int]:
         """Credentials per KEK version, from the indexed header-version column."""
-        rows = session.execute(
+        rows = conn.execute(
             select(_CRED.c.kek_version, func.count()).group_by(_CRED.c.kek_version)
         ).all()
         return {int(v): int(n) for v, n in rows}
 
-    def set_kek_state(self, session: Session, version: int, target: KeyState) -> str:
+    def set_kek_state(self, conn: Connection, version: int, target: KeyState) -> str:
         """Move ``version`` to ``target`` state (in the caller's transaction); returns the
         action name. Promotion demotes the previous active version in the same transaction."""
-        states = self.kek_states(session, fresh=True)
-        rows = self.census(session).get(version, 0) if target is KeyState.RETIRED else 0
+        states = self.kek_states(conn, fresh=True)
+        rows = self.census(conn).get(version, 0) if target is KeyState.RETIRED else 0
         action = check_transition(version, states.get(version), target, rows)
         if target is not KeyState.RETIRED:
             self.kek(version)  # never make a version usable that cannot be loaded
         now = utcnow()
         if action in ("register", "bootstrap"):
-            session.execute(
+            conn.execute(
                 _KV.insert().values(
                     version=version, state=target, source=self.source.kind, created_at=now,
                     activated_at=now if target is KeyState.ACTIVE else None,
@@ -197,29 +203,27 @@ class KeyManager:
             )
         else:
             if target is KeyState.ACTIVE:
-                session.execute(
+                conn.execute(
                     update(_KV).where(_KV.c.state == KeyState.ACTIVE)
                     .values(state=KeyState.DECRYPT_ONLY)
                 )
             extra = {"activated_at": now} if target is KeyState.ACTIVE else {}
             if target is KeyState.RETIRED:
                 extra = {"retired_at": now}
-            session.execute(
+            conn.execute(
                 update(_KV).where(_KV.c.version == version).values(state=target, **extra)
             )
-        self.kek_states(session, fresh=True)
+        self.kek_states(conn, fresh=True)
         return action
 
     # --- tenant keys ------------------------------------------------------------------------
 
-    def tenant_params(self, session: Session, tenant_id: str, generation: int) -> TenantKeyParams:
+    def tenant_params(self, conn: Executor, tenant_id: str, generation: int) -> TenantKeyParams:
         key = (tenant_id, generation)
         params = self._params.get(key)
         if params is None:
-            row = session.execute(
-                select(_TK.c.salt, _TK.c.kdf, _TK.c.iterations).where(
-                    _TK.c.tenant_id == tenant_id, _TK.c.generation == generation
-                )
+            row = conn.execute(
+                _TENANT_PARAMS, {"tenant_id": tenant_id, "generation": generation}
             ).first()
             if row is None:
                 raise DecryptionError()  # shredded or never existed: nothing can decrypt it
@@ -232,14 +236,14 @@ class KeyManager:
         return params
 
     def tenant_key(
-        self, session: Session, tenant_id: str, generation: int, kek_version: int
+        self, conn: Executor, tenant_id: str, generation: int, kek_version: int
     ) -> TenantKey:
         """The derived key for one (tenant, generation, KEK version), cached."""
         cache_key = (tenant_id, generation, kek_version)
         with self._lock:
             key = self._tenant_keys.get(cache_key)
         if key is None:
-            params = self.tenant_params(session, tenant_id, generation)
+            params = self.tenant_params(conn, tenant_id, generation)
             key = derive_tenant_key(
                 self.kek(kek_version), tenant_id=tenant_id, generation=generation,
                 salt=params.salt, params=params.kdf,
@@ -248,9 +252,9 @@ class KeyManager:
                 self._tenant_keys[cache_key] = key
         return key
 
-    def active_generation(self, session: Session, tenant_id: str, *, create: bool) -> int | None:
+    def active_generation(self, conn: Connection, tenant_id: str, *, create: bool) -> int | None:
         """The tenant's active key generation; with ``create``, make generation 1 if none."""
-        gen = session.execute(
+        gen = conn.execute(
             select(_TK.c.generation).where(
                 _TK.c.tenant_id == tenant_id, _TK.c.state == KeyState.ACTIVE
             )
@@ -258,27 +262,27 @@ class KeyManager:
         if gen is not None or not create:
             return None if gen is None else int(gen)
         try:
-            return self.add_generation(session, tenant_id)
+            return self.add_generation(conn, tenant_id)
         except IntegrityError:
             # Another transaction created the tenant's first generation at the same time.
-            return self.active_generation(session, tenant_id, create=False)
+            return self.active_generation(conn, tenant_id, create=False)
 
     def add_generation(
-        self, session: Session, tenant_id: str, kdf: KdfParams | None = None
+        self, conn: Connection, tenant_id: str, kdf: KdfParams | None = None
     ) -> int:
         """Create the tenant's next generation (new random salt) as active; the previous active
         one becomes ``decrypt_only``. Concurrent creators race on the primary key; one wins."""
         kdf = kdf or self.default_kdf()
-        latest = session.execute(
+        latest = conn.execute(
             select(func.max(_TK.c.generation)).where(_TK.c.tenant_id == tenant_id)
         ).scalar()
         generation = int(latest or 0) + 1
-        with session.begin_nested():
-            session.execute(
+        with conn.begin_nested():
+            conn.execute(
                 update(_TK).where(_TK.c.tenant_id == tenant_id, _TK.c.state == KeyState.ACTIVE)
                 .values(state=KeyState.DECRYPT_ONLY)
             )
-            session.execute(
+            conn.execute(
                 _TK.insert().values(
                     tenant_id=tenant_id, generation=generation, salt=os.urandom(SALT_BYTES),
                     kdf=kdf.name.value, iterations=kdf.iterations, state=KeyState.ACTIVE,

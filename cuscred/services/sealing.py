@@ -7,11 +7,10 @@ import json
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from sqlalchemy.orm import Session
-
 from cuscred.crypto import aead
 from cuscred.crypto.header import parse_unverified
 from cuscred.crypto.keys import TenantKey
+from cuscred.db.raw import Executor
 from cuscred.errors import DecryptionError
 from cuscred.services.keys import KeyManager
 
@@ -63,7 +62,7 @@ def seal_with(
 
 def open_row(
     keys: KeyManager,
-    session: Session,
+    conn: Executor,
     *,
     tenant_id: str,
     credential_id: str,
@@ -81,9 +80,9 @@ def open_row(
     parsed = parse_unverified(ciphertext)
     if (parsed.kek_version, parsed.key_generation) != (kek_version, key_generation):
         raise DecryptionError()
-    keys.ensure_decryptable(session, parsed.kek_version)
-    key = keys.tenant_key(session, tenant_id, parsed.key_generation, parsed.kek_version)
-    return aead.decrypt(key, ciphertext, credential_id=credential_id, context=context)
+    keys.ensure_decryptable(conn, parsed.kek_version)
+    key = keys.tenant_key(conn, tenant_id, parsed.key_generation, parsed.kek_version)
+    return aead.decrypt_parsed(key, parsed, credential_id=credential_id, context=context)
 
 
 __all__ = ["Sealed", "context_from_json", "context_to_json", "open_row", "seal_with"]
