@@ -95,6 +95,27 @@ class Settings(BaseSettings):
     #: Actor recorded in the audit trail when a caller does not name one.
     default_actor: str = "cuscred"
 
+    # --- the rotation worker ---
+    #: Celery broker (Redis). Unset: jobs run their chunks in-process (embedded default).
+    broker_url: str | None = Field(default=None, repr=False)
+    #: Seconds Redis waits before redelivering an unacknowledged task; must exceed the chunk
+    #: task's hard time limit or a slow chunk would be delivered twice while it runs.
+    broker_visibility_timeout_s: int = Field(default=3600, ge=10)
+    #: Credentials per chunk task (>= 2,000 keeps broker overhead near 3%, DESIGN.md).
+    chunk_size: int = Field(default=2000, ge=1, le=100_000)
+    chunk_soft_time_limit_s: int = Field(default=240, ge=1)
+    chunk_time_limit_s: int = Field(default=300, ge=2)
+    #: A claimed chunk not finished within this many seconds is presumed crashed.
+    chunk_lease_s: int = Field(default=360, ge=2)
+    #: Presumed crashes of one chunk before it is marked failed (its rows left untouched).
+    chunk_max_crashes: int = Field(default=3, ge=1)
+    #: Pending chunks with no progress for this long are enqueued again (lost messages).
+    chunk_requeue_after_s: int = Field(default=300, ge=1)
+    #: Rotate the KEK when the active version is older than this (checked daily by beat).
+    kek_max_age_days: float = Field(default=90.0, ge=0)
+    #: Retire the old KEK version when a rotation ends with a zero census for it.
+    auto_retire: bool = False
+
     @field_validator("vault_tenant_prefix")
     @classmethod
     def _prefix_is_a_directory_template(cls, value: str) -> str:
@@ -114,6 +135,14 @@ class Settings(BaseSettings):
         if value.startswith(ENV_PREFIX) or ENV_PREFIX.startswith(value):
             raise ValueError(f"must not overlap the service's own {ENV_PREFIX}* settings")
         return value
+
+    @model_validator(mode="after")
+    def _chunk_limits_are_consistent(self) -> Settings:
+        if not self.chunk_soft_time_limit_s < self.chunk_time_limit_s <= self.chunk_lease_s:
+            raise ValueError(
+                "need chunk_soft_time_limit_s < chunk_time_limit_s <= chunk_lease_s"
+            )
+        return self
 
     @model_validator(mode="after")
     def _vault_auth_is_complete(self) -> Settings:

@@ -14,6 +14,10 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from cuscred.config import KekSourceKind, Settings
 from cuscred.db.session import make_engine, make_session_factory
+from cuscred.jobs.celery_runner import CeleryRunner
+from cuscred.jobs.control import JobControl
+from cuscred.jobs.runner import InProcessRunner, JobRunner
+from cuscred.jobs.service import RotationService
 from cuscred.kek.local import LocalKeyring
 from cuscred.kek.source import KekSource
 from cuscred.kek.vault import VaultKekSource
@@ -48,6 +52,23 @@ class Runtime:
 
     def key_admin(self, *, actor: str | None = None) -> KeyAdmin:
         return KeyAdmin(self.engine, self.keys, self.audit, actor or self.settings.default_actor)
+
+    def rotation(
+        self, runner: JobRunner | None = None, *, actor: str = "rotation-worker"
+    ) -> RotationService:
+        """The job service; with no runner given, Celery if a broker is configured, else
+        chunks run in this process (the embedded default)."""
+        if runner is None:
+            runner = (CeleryRunner.from_settings(self.settings) if self.settings.broker_url
+                      else InProcessRunner())
+        service = RotationService(self.engine, self.keys, self.audit, self.settings, runner,
+                                  actor=actor)
+        if isinstance(runner, InProcessRunner):
+            runner.bind(service)
+        return service
+
+    def job_control(self, runner: JobRunner | None = None) -> JobControl:
+        return JobControl(self.rotation(runner))
 
     def dispose(self) -> None:
         """Close pooled connections (call in a child process after fork)."""

@@ -207,23 +207,152 @@ class AuditEvent(Base):
     mac: Mapped[str] = mapped_column(String(64))
 
 
+class JobStatus(StrEnum):
+    PENDING = "pending"  # created; keys not yet in place or chunks not yet planned
+    RUNNING = "running"  # chunks planned and enqueued
+    COMPLETED = "completed"
+    COMPLETED_WITH_ERRORS = "completed_with_errors"  # some rows would not decrypt
+    CANCELLED = "cancelled"
+    FAILED = "failed"  # could not be planned (e.g. a key version missing)
+
+
+class JobKind(StrEnum):
+    KEK_ROTATION = "kek_rotation"  # new KEK version, then every row moved to it
+    TENANT_REKEY = "tenant_rekey"  # new salt generation for one tenant, its rows moved
+    REENCRYPT = "reencrypt"  # move rows (all, or one tenant's) to the active keys
+
+
+class ChunkStatus(StrEnum):
+    PENDING = "pending"
+    RUNNING = "running"  # claimed by a worker until lease_until
+    DONE = "done"
+    FAILED = "failed"  # gave up after repeated crashes; its rows were left untouched
+    CANCELLED = "cancelled"
+
+
+def _check_in(column: str, enum: type[StrEnum]) -> str:
+    return f"{column} IN ('" + "', '".join(e.value for e in enum) + "')"
+
+
+class RotationJob(Base):
+    """A re-encryption job. Its counts are sums over committed chunks (never incremented
+    from outside a chunk's own transaction), so redelivered tasks cannot double-count."""
+
+    __tablename__ = "rotation_jobs"
+    __table_args__ = (
+        CheckConstraint(_check_in("kind", JobKind), name="kind"),
+        CheckConstraint(_check_in("status", JobStatus), name="status"),
+        # At most one KEK rotation in flight, whoever starts it (two beats, an operator).
+        Index(
+            "uq_rotation_jobs_one_kek_rotation",
+            "kind",
+            unique=True,
+            sqlite_where=text("kind = 'kek_rotation' AND status IN ('pending', 'running')"),
+            postgresql_where=text("kind = 'kek_rotation' AND status IN ('pending', 'running')"),
+        ),
+        Index("ix_rotation_jobs_status", "status"),
+    )
+
+    id: Mapped[int] = mapped_column(BigIntPK, primary_key=True, autoincrement=True)
+    kind: Mapped[str] = mapped_column(String(16))
+    status: Mapped[str] = mapped_column(String(24))
+    tenant_id: Mapped[str | None] = mapped_column(String(TENANT_ID_LEN))
+    target_kek_version: Mapped[int | None] = mapped_column(Integer)
+    target_generation: Mapped[int | None] = mapped_column(Integer)
+    chunk_size: Mapped[int] = mapped_column(Integer)
+    #: Rows needing re-encryption when the job was planned (the final counts are the chunks').
+    planned_rows: Mapped[int] = mapped_column(Integer, default=0)
+    passes: Mapped[int] = mapped_column(Integer, default=0)
+    total: Mapped[int] = mapped_column(Integer, default=0)
+    done: Mapped[int] = mapped_column(Integer, default=0)
+    skipped: Mapped[int] = mapped_column(Integer, default=0)
+    failed: Mapped[int] = mapped_column(Integer, default=0)
+    requested_by: Mapped[str] = mapped_column(String(128))
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow)
+    started_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
+    finished_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
+    last_error: Mapped[str | None] = mapped_column(String(500))
+
+
+class RotationChunk(Base):
+    """One slice of a job: credentials with ``pk_lo <= pk <= pk_hi``."""
+
+    __tablename__ = "rotation_chunks"
+    __table_args__ = (
+        ForeignKeyConstraint(["job_id"], ["rotation_jobs.id"], name="fk_rotation_chunks_job"),
+        CheckConstraint(_check_in("status", ChunkStatus), name="status"),
+        CheckConstraint("pk_lo <= pk_hi", name="range"),
+        Index("ix_rotation_chunks_status_lease", "status", "lease_until"),
+    )
+
+    job_id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=False)
+    chunk_no: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    pk_lo: Mapped[int] = mapped_column(BigInteger)
+    pk_hi: Mapped[int] = mapped_column(BigInteger)
+    status: Mapped[str] = mapped_column(String(16))
+    planned_rows: Mapped[int] = mapped_column(Integer)
+    total: Mapped[int] = mapped_column(Integer, default=0)
+    done: Mapped[int] = mapped_column(Integer, default=0)
+    skipped: Mapped[int] = mapped_column(Integer, default=0)
+    failed: Mapped[int] = mapped_column(Integer, default=0)
+    #: Claims of this chunk; a claim whose lease ran out without finishing was a crash.
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    crashes: Mapped[int] = mapped_column(Integer, default=0)
+    claim_token: Mapped[str | None] = mapped_column(String(32))
+    lease_until: Mapped[datetime | None] = mapped_column(UtcDateTime)
+    enqueued_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
+    started_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
+    finished_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
+    duration_ms: Mapped[int | None] = mapped_column(Integer)
+    last_error: Mapped[str | None] = mapped_column(String(500))
+
+
+class RotationFailure(Base):
+    """A credential a chunk could not re-encrypt, left untouched, with a reason code."""
+
+    __tablename__ = "rotation_failures"
+    __table_args__ = (
+        ForeignKeyConstraint(["job_id"], ["rotation_jobs.id"], name="fk_rotation_failures_job"),
+        Index("ix_rotation_failures_job_credential", "job_id", "credential_id"),
+    )
+
+    id: Mapped[int] = mapped_column(BigIntPK, primary_key=True, autoincrement=True)
+    job_id: Mapped[int] = mapped_column(BigInteger)
+    chunk_no: Mapped[int] = mapped_column(Integer)
+    credential_id: Mapped[str] = mapped_column(String(CREDENTIAL_ID_LEN))
+    reason: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow)
+
+
 # Core handles on the tables, typed as Table (``Model.__table__`` is typed as a FromClause).
 # Hot paths use Core statements on these: loading ORM objects costs 5-10x more (DESIGN.md).
 KEK_VERSIONS = cast(Table, KekVersion.__table__)
 TENANT_KEYS = cast(Table, TenantKeyRow.__table__)
 CREDENTIALS = cast(Table, Credential.__table__)
 AUDIT_EVENTS = cast(Table, AuditEvent.__table__)
+ROTATION_JOBS = cast(Table, RotationJob.__table__)
+ROTATION_CHUNKS = cast(Table, RotationChunk.__table__)
+ROTATION_FAILURES = cast(Table, RotationFailure.__table__)
 
 __all__ = [
     "AUDIT_EVENTS",
     "CREDENTIALS",
     "KEK_VERSIONS",
+    "ROTATION_CHUNKS",
+    "ROTATION_FAILURES",
+    "ROTATION_JOBS",
     "TENANT_KEYS",
     "AuditEvent",
     "Base",
+    "ChunkStatus",
     "Credential",
+    "JobKind",
+    "JobStatus",
     "KekVersion",
     "KeyState",
+    "RotationChunk",
+    "RotationFailure",
+    "RotationJob",
     "TenantKeyRow",
     "UtcDateTime",
     "utcnow",

@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import base64
 import os
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 from sqlalchemy import Connection, Engine, Select, bindparam, select, update
 
 from cuscred.config import Settings
+from cuscred.crypto.keys import TenantKey
 from cuscred.db.models import CREDENTIALS, utcnow
 from cuscred.db.raw import Executor, raw_transaction
 from cuscred.errors import ConcurrentUpdateError, CredentialNotFoundError, InvalidInputError
@@ -26,7 +27,7 @@ from cuscred.providers import detect_provider
 from cuscred.references import EncryptedRef, VaultRef, parse_reference
 from cuscred.references import validate_credential_format as _validate_format
 from cuscred.services.attempts import Attempt, AttemptRecorder
-from cuscred.services.audit import AuditLog, tail_of, with_locked_tail
+from cuscred.services.audit import AuditLog, AuditRecord, Outcome, tail_of, with_locked_tail
 from cuscred.services.catalog import CredentialCatalog, CredentialInfo, as_encrypted_ref
 from cuscred.services.external import resolve_env, resolve_vault
 from cuscred.services.keys import KeyManager
@@ -93,16 +94,57 @@ class CredentialService(CredentialCatalog):
             credential_id = attempt.credential_id = new_credential_id()
             with self._engine.begin() as conn:
                 key = self._write_key(conn, tenant)
-                sealed = seal_with(key, secret.encode(), credential_id=credential_id, context=ctx)
-                conn.execute(_CRED.insert().values(
-                    credential_id=credential_id, tenant_id=tenant,
-                    provider=detect_provider(secret), masked=masked_hint(secret),
-                    context_json=context_to_json(ctx), ciphertext=sealed.ciphertext,
-                    kek_version=sealed.kek_version, key_generation=sealed.key_generation,
-                    fingerprint=sealed.fingerprint, row_version=1, created_at=utcnow(),
-                ))
+                conn.execute(_CRED.insert(), _new_row(key, secret, ctx, credential_id))
                 self._audit.append(conn, [attempt.success()])
             return str(EncryptedRef(credential_id))
+
+    def import_credentials(
+        self,
+        items: Iterable[tuple[str, str, Mapping[str, str] | None]],
+        *,
+        actor: str | None = None,
+        batch_size: int = 500,
+    ) -> list[str]:
+        """Store many ``(tenant_id, plaintext, context)`` items; return their references.
+
+        For migrations from another store and for generated test data: one transaction and one
+        audit append (one event per credential) per batch. Every item of a batch is validated
+        before any of it is written, so a bad item leaves its whole batch unwritten; earlier
+        batches stay committed. Raises as :meth:`encrypt_credential`.
+        """
+        refs: list[str] = []
+        batch: list[tuple[str, str, dict[str, str]]] = []
+        for tenant_id, plaintext, context in items:
+            with self._attempts.attempt("encrypt", actor or self.actor, tenant_id):
+                batch.append((
+                    validate_tenant_id(tenant_id),
+                    validate_secret(plaintext, max_bytes=self.settings.max_secret_bytes),
+                    validate_context(context),
+                ))
+            if len(batch) >= batch_size:
+                refs += self._import_batch(batch, actor or self.actor)
+                batch = []
+        if batch:
+            refs += self._import_batch(batch, actor or self.actor)
+        return refs
+
+    def _import_batch(self, batch: list[tuple[str, str, dict[str, str]]], actor: str) -> list[str]:
+        ids = [new_credential_id() for _ in batch]
+        with self._attempts.attempt("encrypt", actor, None), self._engine.begin() as conn:
+            keys: dict[str, TenantKey] = {}
+            rows = []
+            for (tenant, secret, ctx), cid in zip(batch, ids, strict=True):
+                if tenant not in keys:  # one key lookup per tenant per batch
+                    keys[tenant] = self._write_key(conn, tenant)
+                rows.append(_new_row(keys[tenant], secret, ctx, cid))
+            conn.execute(_CRED.insert(), rows)
+            self._audit.append(conn, [
+                AuditRecord(action="encrypt", outcome=Outcome.SUCCESS, actor=actor,
+                            tenant_id=row["tenant_id"], credential_id=row["credential_id"],
+                            reason="import")
+                for row in rows
+            ])
+        return [str(EncryptedRef(cid)) for cid in ids]
 
     def decrypt_credential(
         self,
@@ -240,7 +282,7 @@ class CredentialService(CredentialCatalog):
             raise CredentialNotFoundError(f"no credential {credential_id} for this tenant")
         return row
 
-    def _write_key(self, conn: Connection, tenant: str) -> Any:
+    def _write_key(self, conn: Connection, tenant: str) -> TenantKey:
         kek_version = self._keys.active_kek_version(conn)
         generation = self._keys.active_generation(conn, tenant, create=True)
         assert generation is not None  # create=True always yields one
@@ -266,6 +308,20 @@ class CredentialService(CredentialCatalog):
         )
         if result.rowcount != 1:
             raise ConcurrentUpdateError("the credential changed during rotation; retry")
+
+
+def _new_row(
+    key: TenantKey, secret: str, ctx: Mapping[str, str], credential_id: str
+) -> dict[str, Any]:
+    """The ``credentials`` row for a new secret sealed under ``key``."""
+    sealed = seal_with(key, secret.encode(), credential_id=credential_id, context=ctx)
+    return {
+        "credential_id": credential_id, "tenant_id": key.tenant_id,
+        "provider": detect_provider(secret), "masked": masked_hint(secret),
+        "context_json": context_to_json(ctx), "ciphertext": sealed.ciphertext,
+        "kek_version": sealed.kek_version, "key_generation": sealed.key_generation,
+        "fingerprint": sealed.fingerprint, "row_version": 1, "created_at": utcnow(),
+    }
 
 
 __all__ = ["CredentialInfo", "CredentialService"]

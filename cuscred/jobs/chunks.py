@@ -1,0 +1,283 @@
+"""Process one chunk: claim it, re-encrypt its stale rows, record everything in one transaction.
+
+The life of a chunk (``rotation_chunks.status``)::
+
+    pending --claim--> running --work--> done
+       ^                  |  \\--give up after chunk_max_crashes presumed crashes--> failed
+       +---- release -----+   (a claim whose lease ran out without finishing was a crash)
+
+* **Claim** (own transaction): only a ``pending`` chunk, or a ``running`` one whose lease ran
+  out, can be claimed; the claim gets a random token. A duplicate delivery finds the chunk
+  ``done`` or leased and does nothing.
+* **Work** (one transaction): check the token still holds, read the stale rows, decrypt each
+  with exactly the key its header names, encrypt with the target keys, compare-and-swap them
+  back, record failures, mark the chunk ``done`` with its counts, append one audit event per
+  row. A crash anywhere before commit leaves nothing behind, and counts are only ever written
+  with the rows they count, so ``done + skipped + failed == total`` by construction.
+* **Release**: a retryable error (Vault or the database unavailable) puts the chunk back to
+  ``pending`` without counting a crash, so the task can retry with backoff; any other error
+  counts as a crash.
+
+Plaintexts live only inside :meth:`ChunkProcessor._reseal`; nothing secret is logged, stored
+outside the ciphertext, or returned.
+"""
+
+from __future__ import annotations
+
+import secrets
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+from sqlalchemy import Connection, Engine, insert, select, update
+from sqlalchemy.exc import OperationalError, SQLAlchemyError
+
+from cuscred.config import Settings
+from cuscred.db.models import (
+    ROTATION_CHUNKS,
+    ROTATION_FAILURES,
+    ROTATION_JOBS,
+    ChunkStatus,
+    JobStatus,
+    utcnow,
+)
+from cuscred.errors import CuscredError, DecryptionError, KekUnavailableError
+from cuscred.jobs.bulk import Reseal, write_resealed
+from cuscred.jobs.scope import stale_rows
+from cuscred.services.audit import AuditLog, AuditRecord, Outcome
+from cuscred.services.keys import KeyManager
+from cuscred.services.sealing import context_from_json, open_row, seal_with
+
+_J = ROTATION_JOBS
+_CH = ROTATION_CHUNKS
+_F = ROTATION_FAILURES
+_TERMINAL = (ChunkStatus.DONE, ChunkStatus.FAILED, ChunkStatus.CANCELLED)
+
+
+@dataclass(frozen=True, slots=True)
+class ChunkOutcome:
+    """What a delivery of a chunk task did (ids and counts only: safe to log and return)."""
+
+    job_id: int
+    chunk_no: int
+    status: str  # done | failed | cancelled | not_claimed | lost_claim
+    total: int = 0
+    done: int = 0
+    skipped: int = 0
+    failed: int = 0
+    duration_ms: int = 0
+
+    def as_dict(self) -> dict[str, Any]:
+        return {name: getattr(self, name) for name in self.__slots__}
+
+
+def is_retryable(exc: BaseException) -> bool:
+    """Errors worth retrying with backoff: a service was unavailable, nothing was written."""
+    if isinstance(exc, CuscredError):
+        return exc.retryable
+    return isinstance(exc, OperationalError)
+
+
+class ChunkProcessor:
+    """Runs chunks; shared by Celery tasks and the in-process runner."""
+
+    def __init__(
+        self, engine: Engine, keys: KeyManager, audit: AuditLog, settings: Settings,
+        *, actor: str = "rotation-worker",
+        between_read_and_write: Callable[[Sequence[int]], None] | None = None,
+    ) -> None:
+        self._engine = engine
+        self._keys = keys
+        self._audit = audit
+        self._settings = settings
+        self._actor = actor
+        # Test seam: called with the chunk's row pks after they were read, before the write.
+        self._between_read_and_write = between_read_and_write
+
+    def process(self, job_id: int, chunk_no: int) -> ChunkOutcome:
+        """Claim and run one chunk. Raises the error of a failed attempt after releasing the
+        claim (retryable errors: see :func:`is_retryable`)."""
+        token = self._claim(job_id, chunk_no)
+        if token is None:
+            return ChunkOutcome(job_id, chunk_no, "not_claimed")
+        started = time.monotonic()
+        try:
+            return self._work(job_id, chunk_no, token, started)
+        except BaseException as exc:
+            self._release(job_id, chunk_no, token, exc)
+            raise
+
+    # --- claim / release ----------------------------------------------------------------------
+
+    def _claim(self, job_id: int, chunk_no: int) -> str | None:
+        with self._engine.begin() as conn:
+            chunk = _locked_chunk(conn, job_id, chunk_no)
+            if chunk is None or chunk.status in _TERMINAL:
+                return None
+            job_status = conn.execute(select(_J.c.status).where(_J.c.id == job_id)).scalar()
+            now = utcnow()
+            if job_status == JobStatus.CANCELLED:
+                _set_chunk(conn, job_id, chunk_no, status=ChunkStatus.CANCELLED, lease_until=None)
+                return None
+            if chunk.status == ChunkStatus.RUNNING and chunk.lease_until > now:
+                return None  # another worker holds it
+            crashes = chunk.crashes + (1 if chunk.status == ChunkStatus.RUNNING else 0)
+            if crashes >= self._settings.chunk_max_crashes:
+                self._give_up(conn, job_id, chunk, crashes, "repeated worker crashes")
+                return None
+            token = secrets.token_hex(16)
+            _set_chunk(
+                conn, job_id, chunk_no, status=ChunkStatus.RUNNING, attempts=chunk.attempts + 1,
+                crashes=crashes, claim_token=token, started_at=now,
+                lease_until=now + timedelta(seconds=self._settings.chunk_lease_s),
+            )
+            return token
+
+    def _release(self, job_id: int, chunk_no: int, token: str, exc: BaseException) -> None:
+        retryable = is_retryable(exc)
+        error = exc.code if isinstance(exc, CuscredError) else type(exc).__name__
+        try:
+            with self._engine.begin() as conn:
+                chunk = _locked_chunk(conn, job_id, chunk_no)
+                if chunk is None or chunk.claim_token != token:
+                    return
+                crashes = chunk.crashes + (0 if retryable else 1)
+                if crashes >= self._settings.chunk_max_crashes:
+                    self._give_up(conn, job_id, chunk, crashes, error)
+                    return
+                _set_chunk(conn, job_id, chunk_no, status=ChunkStatus.PENDING, crashes=crashes,
+                           claim_token=None, lease_until=None, enqueued_at=utcnow(),
+                           last_error=f"{'retrying' if retryable else 'error'}: {error}"[:500])
+        except SQLAlchemyError:
+            pass  # the database is down too: the lease will run out and the sweeper re-enqueues
+
+    def _give_up(self, conn: Connection, job_id: int, chunk: Any, crashes: int, why: str) -> None:
+        """Mark the chunk failed; its stale rows stay untouched and are recorded as failures."""
+        job = conn.execute(select(_J).where(_J.c.id == job_id)).one()
+        rows = conn.execute(stale_rows(job_id, job.target_kek_version, job.tenant_id,
+                                       chunk.pk_lo, chunk.pk_hi)).all()
+        failures = [(r.credential_id, "chunk_gave_up") for r in rows]
+        _record_failures(conn, job_id, chunk.chunk_no, failures)
+        _set_chunk(conn, job_id, chunk.chunk_no, status=ChunkStatus.FAILED, crashes=crashes,
+                   total=len(rows), done=0, skipped=0, failed=len(rows), claim_token=None,
+                   lease_until=None, finished_at=utcnow(), last_error=f"gave up: {why}"[:500])
+        self._audit.append(conn, [AuditRecord(
+            action="reencrypt_chunk", outcome=Outcome.FAILURE, actor=self._actor,
+            reason=f"job={job_id} chunk={chunk.chunk_no} gave_up rows={len(rows)}",
+        )])
+
+    # --- work -----------------------------------------------------------------------------
+
+    def _work(self, job_id: int, chunk_no: int, token: str, started: float) -> ChunkOutcome:
+        with self._engine.begin() as conn:
+            chunk = _locked_chunk(conn, job_id, chunk_no)
+            if chunk is None or chunk.claim_token != token or chunk.status != "running":
+                return ChunkOutcome(job_id, chunk_no, "lost_claim")
+            job = conn.execute(select(_J).where(_J.c.id == job_id)).one()
+            rows = conn.execute(stale_rows(job_id, job.target_kek_version, job.tenant_id,
+                                           chunk.pk_lo, chunk.pk_hi)).all()
+            resealed, failures = self._reseal(conn, rows, int(job.target_kek_version))
+            if self._between_read_and_write is not None:
+                self._between_read_and_write([r.pk for r in rows])
+            written = write_resealed(conn, resealed, utcnow())
+            _record_failures(conn, job_id, chunk_no, failures)
+            duration_ms = int((time.monotonic() - started) * 1000)
+            outcome = ChunkOutcome(
+                job_id, chunk_no, ChunkStatus.DONE, total=len(rows), done=len(written),
+                skipped=len(resealed) - len(written), failed=len(failures),
+                duration_ms=duration_ms,
+            )
+            _set_chunk(conn, job_id, chunk_no, status=ChunkStatus.DONE, total=outcome.total,
+                       done=outcome.done, skipped=outcome.skipped, failed=outcome.failed,
+                       claim_token=None, lease_until=None, finished_at=utcnow(),
+                       duration_ms=duration_ms, last_error=_failure_summary(failures))
+            by_pk = {r.pk: r for r in rows}
+            self._audit.append(conn, self._events(job_id, by_pk, written, failures))
+        return outcome
+
+    def _reseal(
+        self, conn: Connection, rows: Sequence[Any], target_kek: int
+    ) -> tuple[list[Reseal], list[tuple[str, str]]]:
+        resealed: list[Reseal] = []
+        failures: list[tuple[str, str]] = []
+        for row in rows:
+            try:
+                context = context_from_json(row.context_json)
+                plaintext = open_row(
+                    self._keys, conn, tenant_id=row.tenant_id, credential_id=row.credential_id,
+                    ciphertext=bytes(row.ciphertext), kek_version=row.kek_version,
+                    key_generation=row.key_generation, context=context,
+                )
+            except DecryptionError:
+                failures.append((row.credential_id, "decrypt_failed"))
+                continue
+            except KekUnavailableError:
+                failures.append((row.credential_id, f"kek_v{row.kek_version}_unavailable"))
+                continue
+            key = self._keys.tenant_key(conn, row.tenant_id, row.active_generation, target_kek)
+            sealed = seal_with(key, plaintext, credential_id=row.credential_id, context=context)
+            resealed.append(Reseal(
+                pk=row.pk, row_version=row.row_version, old_kek_version=row.kek_version,
+                old_generation=row.key_generation, ciphertext=sealed.ciphertext,
+                kek_version=sealed.kek_version, key_generation=sealed.key_generation,
+                fingerprint=sealed.fingerprint,
+            ))
+        return resealed, failures
+
+    def _events(
+        self, job_id: int, rows: dict[int, Any], written: set[int],
+        failures: list[tuple[str, str]],
+    ) -> list[AuditRecord]:
+        reason = f"job={job_id}"
+        events = [
+            AuditRecord(action="reencrypt", outcome=Outcome.SUCCESS, actor=self._actor,
+                        tenant_id=rows[pk].tenant_id, credential_id=rows[pk].credential_id,
+                        reason=reason)
+            for pk in sorted(written)
+        ]
+        tenants = {r.credential_id: r.tenant_id for r in rows.values()}
+        events += [
+            AuditRecord(action="reencrypt", outcome=Outcome.FAILURE, actor=self._actor,
+                        tenant_id=tenants.get(cid), credential_id=cid,
+                        reason=f"{reason} {why}"[:64])
+            for cid, why in failures
+        ]
+        return events
+
+
+def _locked_chunk(conn: Connection, job_id: int, chunk_no: int) -> Any:
+    # FOR UPDATE serialises deliveries of one chunk on PostgreSQL; SQLite's BEGIN IMMEDIATE
+    # already serialises whole transactions (and SQLAlchemy omits FOR UPDATE there).
+    return conn.execute(
+        select(_CH).where(_CH.c.job_id == job_id, _CH.c.chunk_no == chunk_no).with_for_update()
+    ).first()
+
+
+def _set_chunk(conn: Connection, job_id: int, chunk_no: int, **values: Any) -> None:
+    conn.execute(
+        update(_CH).where(_CH.c.job_id == job_id, _CH.c.chunk_no == chunk_no).values(**values)
+    )
+
+
+def _record_failures(
+    conn: Connection, job_id: int, chunk_no: int, failures: list[tuple[str, str]]
+) -> None:
+    if failures:
+        now = utcnow()
+        conn.execute(insert(_F), [
+            {"job_id": job_id, "chunk_no": chunk_no, "credential_id": cid, "reason": why,
+             "created_at": now}
+            for cid, why in failures
+        ])
+
+
+def _failure_summary(failures: list[tuple[str, str]]) -> str | None:
+    if not failures:
+        return None
+    reasons = sorted({why for _, why in failures})
+    return f"{len(failures)} row(s) failed: {', '.join(reasons)}"[:500]
+
+
+__all__ = ["ChunkOutcome", "ChunkProcessor", "is_retryable"]
