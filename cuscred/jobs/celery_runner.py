@@ -11,6 +11,8 @@ from typing import Any
 
 from cuscred.config import Settings
 
+#: The one queue workers consume and clients send to.
+QUEUE = "cuscred"
 TASK_ADVANCE = "tasks.rotation.rotate_kek_advance"
 TASK_START = "tasks.rotation.start_reencryption"
 TASK_CHUNK = "tasks.rotation.reencrypt_chunk"
@@ -29,7 +31,7 @@ class CeleryRunner:
 
         app = Celery("cuscred-client", broker=settings.broker_url, set_as_current=False)
         app.conf.update(
-            task_serializer="json", accept_content=["json"],
+            task_serializer="json", accept_content=["json"], task_default_queue=QUEUE,
             broker_transport_options={
                 "visibility_timeout": settings.broker_visibility_timeout_s},
             broker_connection_retry_on_startup=True,
@@ -49,4 +51,4 @@ class CeleryRunner:
         self._app.send_task(TASK_FINALIZE, args=[job_id])
 
 
-__all__ = ["TASK_ADVANCE", "TASK_CHUNK", "TASK_FINALIZE", "TASK_START", "CeleryRunner"]
+__all__ = ["QUEUE", "TASK_ADVANCE", "TASK_CHUNK", "TASK_FINALIZE", "TASK_START", "CeleryRunner"]

@@ -1,0 +1,52 @@
+"""A logging filter that redacts anything shaped like a secret, as a second line of defence.
+
+The first line is that no code of ours puts a secret in a log call, an exception or a task
+argument (the leak-scan tests check it). This filter catches what a third-party library might
+log: provider key shapes, PEM private keys, Vault tokens and bearer headers. It rewrites the
+record's message (and formatted traceback) before any handler sees it.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+
+REDACTED = "[REDACTED]"
+
+_PATTERNS = [
+    re.compile(r"-----BEGIN [A-Z ]*PRIVATE KEY-----.*?-----END [A-Z ]*PRIVATE KEY-----", re.S),
+    re.compile(r"sk-(?:proj|ant|svcacct|admin|ant-api\d\d)-[A-Za-z0-9_\-]{8,}"),
+    re.compile(r"\bsk-[A-Za-z0-9_\-]{20,}"),
+    re.compile(r"\bAIza[0-9A-Za-z_\-]{20,}"),
+    re.compile(r"\b(?:AKIA|ASIA)[A-Z0-9]{16}\b"),
+    re.compile(r"\b(?:hvs|hvb|hvr|s|b|r)\.[A-Za-z0-9_\-]{20,}"),  # Vault / OpenBao tokens
+    re.compile(r"(?i)(authorization|x-vault-token)([\"']?\s*[:=]\s*[\"']?)[^\s\"',}]+"),
+    re.compile(r"(?i)(secret_access_key|private_key|secret_id|password)([\"']?\s*[:=]\s*[\"']?)"
+               r"[^\s\"',}]+"),
+]
+
+
+def redact(text: str) -> str:
+    for pattern in _PATTERNS:
+        if pattern.groups >= 2:
+            text = pattern.sub(lambda m: m.group(1) + m.group(2) + REDACTED, text)
+        else:
+            text = pattern.sub(REDACTED, text)
+    return text
+
+
+class RedactingFilter(logging.Filter):
+    """Rewrite each record's message and traceback with :func:`redact`."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        cleaned = redact(message)
+        if cleaned != message:
+            record.msg, record.args = cleaned, None
+        if record.exc_info:
+            text = logging.Formatter().formatException(record.exc_info)
+            record.exc_text, record.exc_info = redact(text), None
+        return True
+
+
+__all__ = ["REDACTED", "RedactingFilter", "redact"]

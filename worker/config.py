@@ -1,0 +1,69 @@
+"""Celery configuration derived from cuscred's settings (CUSCRED_* environment variables)."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from typing import Any
+
+from cuscred.config import Settings
+from cuscred.errors import ConfigurationError
+from cuscred.jobs.celery_runner import QUEUE, TASK_CHUNK
+
+SWEEP_EVERY = timedelta(seconds=60)
+ROTATION_CHECK_EVERY = timedelta(days=1)
+
+
+def check_visibility_timeout(settings: Settings) -> None:
+    """Refuse to run when Redis could redeliver a chunk task while it is still running.
+
+    Redis redelivers an unacknowledged task after ``visibility_timeout``; with late acks a
+    chunk task is unacknowledged for as long as it runs, up to its hard time limit.
+    """
+    if settings.broker_visibility_timeout_s <= settings.chunk_time_limit_s:
+        raise ConfigurationError(
+            f"CUSCRED_BROKER_VISIBILITY_TIMEOUT_S ({settings.broker_visibility_timeout_s}) must "
+            f"exceed CUSCRED_CHUNK_TIME_LIMIT_S ({settings.chunk_time_limit_s}), or Redis would "
+            "deliver a running chunk task a second time"
+        )
+
+
+def celery_config(settings: Settings) -> dict[str, Any]:
+    if not settings.broker_url:
+        raise ConfigurationError("CUSCRED_BROKER_URL must be set to run the worker or beat")
+    return {
+        "broker_url": settings.broker_url,
+        "broker_connection_retry_on_startup": True,
+        "broker_transport_options": {"visibility_timeout": settings.broker_visibility_timeout_s},
+        # Status lives in SQL tables; task results are small count dicts, kept nowhere.
+        "result_backend": None,
+        "task_ignore_result": True,
+        "task_serializer": "json",
+        "result_serializer": "json",
+        "accept_content": ["json"],
+        "task_default_queue": QUEUE,
+        "task_acks_late": True,
+        "task_reject_on_worker_lost": True,
+        "worker_prefetch_multiplier": 1,
+        "worker_send_task_events": True,
+        "task_send_sent_event": True,
+        "worker_hijack_root_logger": False,
+        "task_annotations": {
+            TASK_CHUNK: {
+                "time_limit": settings.chunk_time_limit_s,
+                "soft_time_limit": settings.chunk_soft_time_limit_s,
+            },
+        },
+        "beat_schedule": {
+            "kek-rotation-due": {
+                "task": "tasks.rotation.check_rotation_due",
+                "schedule": ROTATION_CHECK_EVERY,
+            },
+            "sweep-expired-chunks": {
+                "task": "tasks.rotation.sweep",
+                "schedule": SWEEP_EVERY,
+            },
+        },
+    }
+
+
+__all__ = ["QUEUE", "celery_config", "check_visibility_timeout"]
