@@ -51,8 +51,8 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="forbid", frozen=True)
 
     env: Environment = Environment.DEVELOPMENT
-    #: Not shown in repr(): a PostgreSQL URL may carry a password.
-    database_url: str = Field(default="sqlite:///.cuscred/cuscred.db", repr=False)
+    #: A SecretStr: a PostgreSQL URL may carry a password (hidden in repr, dumps and logs).
+    database_url: SecretStr = SecretStr("sqlite:///.cuscred/cuscred.db")
 
     # Where KEK versions come from.
     kek_source: KekSourceKind = KekSourceKind.LOCAL

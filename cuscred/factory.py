@@ -93,7 +93,7 @@ def build_kek_source(settings: Settings, vault_kv: VaultKV | None) -> KekSource:
 
 def build_runtime(settings: Settings, *, engine: Engine | None = None) -> Runtime:
     """Engine, keys and audit log for ``settings``. Makes no network call by itself."""
-    engine = engine or make_engine(settings.database_url, hide_parameters=True)
+    engine = engine or make_engine(settings.database_url.get_secret_value(), hide_parameters=True)
     sessions = make_session_factory(engine)
     vault_kv = build_vault_kv(settings)
     keys = KeyManager(build_kek_source(settings, vault_kv), settings)

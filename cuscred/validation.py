@@ -9,6 +9,7 @@ part of it. Tenant ids and context keys are not secret and may be shown, escaped
 from __future__ import annotations
 
 import re
+import unicodedata
 from collections.abc import Mapping
 
 from cuscred.errors import (
@@ -30,6 +31,7 @@ _CONTEXT_KEY = re.compile(r"[a-z0-9][a-z0-9_.-]{0,63}")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 # The same minus JSON's insignificant whitespace (tab, LF, CR), allowed between JSON tokens.
 _CONTROL_IN_JSON = re.compile(r"[\x00-\x08\x0b-\x0c\x0e-\x1f\x7f-\x9f]")
+_INVISIBLE_CATEGORIES = frozenset({"Cf", "Zl", "Zp"})
 _LINE_BREAKS = frozenset("\n\r")
 _STRIP_HINT = "pass strip=True (CLI: --strip) to strip surrounding whitespace"
 
@@ -118,7 +120,19 @@ def validate_context(value: object) -> dict[str, str]:
 
 
 def _check_secret_characters(secret: str) -> None:
-    """Refuse control characters; JSON whitespace only between the tokens of a JSON object."""
+    """Refuse control characters; JSON whitespace only between the tokens of a JSON object.
+
+    Also refuse invisible format characters and Unicode line/paragraph separators (categories
+    Cf, Zl, Zp: zero-width spaces, a byte-order mark, U+2028): pasted along with a key they
+    make a value that looks right and fails at the provider.
+    """
+    if not secret.isascii():
+        for char in secret:
+            if unicodedata.category(char) in _INVISIBLE_CATEGORIES:
+                raise InvalidSecretError(
+                    f"secret contains an invisible character (U+{ord(char):04X}), often "
+                    "pasted along with a key; remove it"
+                )
     control = _CONTROL.search(secret)
     if control is None:
         return

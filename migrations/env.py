@@ -51,7 +51,7 @@ def run_migrations_online() -> None:
         return
     url = context.config.get_main_option("sqlalchemy.url") or Settings.from_env(
         os.environ
-    ).database_url
+    ).database_url.get_secret_value()
     engine = make_engine(url)
     try:
         with engine.connect() as conn:

@@ -90,7 +90,7 @@ def test_strip_flag(cli_env: dict[str, str]) -> None:
         (["resolve", "--tenant", "acme", "env://HOME"], 4),
         (["mask", "sk-proj-looks-like-a-secret"], 6),  # secrets are never taken from argv
         (["keys", "retire", "1"], 7),
-        (["keys", "promote", "7"], 78),
+        (["keys", "promote", "7"], 7),  # unregistered: step 1 (create) comes first
     ],
 )
 def test_exit_codes(cli_env: dict[str, str], args: list[str], code: int) -> None:

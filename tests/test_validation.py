@@ -239,6 +239,8 @@ _FIXED_SECRET_MESSAGE = re.compile(
             ),
             "contains a NUL character",
             r"contains a control character \(U\+[0-9A-F]{4}\)",
+            r"contains an invisible character \(U\+[0-9A-F]{4,6}\), often pasted along with "
+            r"a key; remove it",
         ]
     )
     + ")"

@@ -58,7 +58,7 @@ def pack_header(kek_version: int, key_generation: int) -> bytes:
     return _HEADER.pack(FORMAT_V1, kek_version, key_generation)
 
 
-def parse_unverified(blob: bytes) -> UnverifiedCiphertext:
+def parse_unverified(blob: object) -> UnverifiedCiphertext:
     """Split untrusted bytes into fields, checking bounds before slicing.
 
     Raises :class:`DecryptionError` for anything that is not a well-formed v1 ciphertext, so a

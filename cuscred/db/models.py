@@ -108,6 +108,8 @@ class KekVersion(Base):
     created_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow)
     activated_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
     retired_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
+    #: Public fingerprint of the key material (see services.keys.check_value).
+    check_value: Mapped[str | None] = mapped_column(String(32))
 
 
 class TenantKeyRow(Base):

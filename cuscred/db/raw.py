@@ -162,7 +162,13 @@ def raw_transaction(engine: Engine) -> Iterator[RawConnection]:
     from the pool instead of being handed out again.
     """
     dialect = engine.dialect
-    fairy = engine.raw_connection()
+    try:
+        fairy = engine.raw_connection()
+    except dialect.loaded_dbapi.Error as exc:  # checkout itself failed: the server is gone
+        raise DBAPIError.instance(
+            "connect", None, exc, dialect.loaded_dbapi.Error, hide_parameters=True,
+            dialect=dialect,
+        ) from None
     dbapi: Any = fairy.dbapi_connection
     try:
         if dialect.name == "sqlite":

@@ -8,6 +8,7 @@ This is SQLAlchemy's documented recipe for taking over pysqlite's transaction ha
 
 from __future__ import annotations
 
+import os
 import sqlite3
 import time
 from pathlib import Path
@@ -15,15 +16,31 @@ from typing import Any
 
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.engine import make_url
-from sqlalchemy.exc import DisconnectionError
+from sqlalchemy.exc import ArgumentError, DisconnectionError, NoSuchModuleError
 from sqlalchemy.orm import Session, sessionmaker
+
+from cuscred.errors import ConfigurationError
 
 SQLITE_BUSY_TIMEOUT_MS = 30_000
 IDLE_PING_AFTER_S = 10.0
 
 
 def make_engine(database_url: str, **kwargs: Any) -> Engine:
-    """Create an engine for ``database_url`` with the settings cuscred relies on."""
+    """Create an engine for ``database_url`` with the settings cuscred relies on.
+
+    Raises :class:`~cuscred.errors.ConfigurationError` for a URL that cannot be used, without
+    repeating it (it may carry a password).
+    """
+    try:
+        return _make_engine(database_url, **kwargs)
+    except (ArgumentError, NoSuchModuleError, ValueError):
+        raise ConfigurationError(
+            "CUSCRED_DATABASE_URL is not a usable database URL "
+            "(expected sqlite:///PATH or postgresql://USER@HOST:PORT/DB)"
+        ) from None
+
+
+def _make_engine(database_url: str, **kwargs: Any) -> Engine:
     url = make_url(database_url)
     if url.get_backend_name() == "sqlite":
         return _sqlite_engine(database_url, **kwargs)
@@ -61,7 +78,7 @@ def _ping_connections_that_sat_idle(engine: Engine) -> None:
 def _sqlite_engine(database_url: str, **kwargs: Any) -> Engine:
     url = make_url(database_url)
     if url.database and url.database != ":memory:":
-        Path(url.database).parent.mkdir(parents=True, exist_ok=True)
+        _private_file(Path(url.database))
     engine = create_engine(url, **kwargs)
 
     @event.listens_for(engine, "connect")
@@ -79,6 +96,19 @@ def _sqlite_engine(database_url: str, **kwargs: Any) -> Engine:
         conn.exec_driver_sql("BEGIN IMMEDIATE")
 
     return engine
+
+
+def _private_file(path: Path) -> None:
+    """Create the database file (and its directory) readable by the owner only.
+
+    The file holds ciphertexts, salts and the audit trail: nothing readable without the KEK,
+    but no reason to share it. SQLite creates its -wal and -shm files with the database
+    file's permissions, so those follow.
+    """
+    if not path.parent.exists():
+        path.parent.mkdir(parents=True, mode=0o700)
+    if not path.exists():
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT, 0o600))
 
 
 def make_session_factory(engine: Engine) -> sessionmaker[Session]:

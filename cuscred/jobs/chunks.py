@@ -207,7 +207,7 @@ class ChunkProcessor:
                 context = context_from_json(row.context_json)
                 plaintext = open_row(
                     self._keys, conn, tenant_id=row.tenant_id, credential_id=row.credential_id,
-                    ciphertext=bytes(row.ciphertext), kek_version=row.kek_version,
+                    ciphertext=row.ciphertext, kek_version=row.kek_version,
                     key_generation=row.key_generation, context=context,
                 )
             except DecryptionError:

@@ -7,12 +7,13 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
 
-from sqlalchemy import Connection, Engine, or_, select, update
+from sqlalchemy import Connection, Engine, delete, or_, select, update
 
 from cuscred.db.models import (
     CREDENTIALS,
     KEK_VERSIONS,
     ROTATION_CHUNKS,
+    ROTATION_FAILURES,
     ROTATION_JOBS,
     ChunkStatus,
     JobKind,
@@ -29,6 +30,7 @@ from cuscred.validation import validate_tenant_id
 
 _J = ROTATION_JOBS
 _CH = ROTATION_CHUNKS
+_F = ROTATION_FAILURES
 _C = CREDENTIALS
 
 
@@ -87,12 +89,16 @@ class JobControl:
                 pending = True
             else:
                 pending = False
-                reopened = conn.execute(update(_CH).where(
-                    _CH.c.job_id == job_id,
-                    _CH.c.status.in_((ChunkStatus.CANCELLED, ChunkStatus.FAILED)),
-                ).values(status=ChunkStatus.PENDING, crashes=0, claim_token=None,
-                         lease_until=None, enqueued_at=utcnow(), total=0, done=0, skipped=0,
-                         failed=0)).rowcount
+                reopen = _CH.c.job_id == job_id, _CH.c.status.in_(
+                    (ChunkStatus.CANCELLED, ChunkStatus.FAILED))
+                # A chunk that gave up recorded its rows as failures, which keeps them out of
+                # every later pass; forget those records so the reopened chunk retries them.
+                conn.execute(delete(_F).where(_F.c.job_id == job_id, _F.c.chunk_no.in_(
+                    select(_CH.c.chunk_no).where(*reopen))))
+                reopened = conn.execute(update(_CH).where(*reopen).values(
+                    status=ChunkStatus.PENDING, crashes=0, claim_token=None, lease_until=None,
+                    enqueued_at=utcnow(), total=0, done=0, skipped=0, failed=0,
+                )).rowcount
                 if job.status in FINAL and not reopened:
                     return str(job.status)
                 conn.execute(update(_J).where(_J.c.id == job_id).values(
@@ -189,7 +195,7 @@ class JobControl:
         try:
             open_row(self.service.keys, conn,
                      tenant_id=row.tenant_id, credential_id=row.credential_id,
-                     ciphertext=bytes(row.ciphertext), kek_version=row.kek_version,
+                     ciphertext=row.ciphertext, kek_version=row.kek_version,
                      key_generation=row.key_generation,
                      context=context_from_json(row.context_json))
         except CuscredError as exc:

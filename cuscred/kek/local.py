@@ -114,8 +114,13 @@ class LocalKeyring:
             raise ConfigurationError(f"keyring {self.path} is unreadable or not JSON") from None
         if not isinstance(doc, dict) or doc.get("format") != FORMAT:
             raise ConfigurationError(f"keyring {self.path} is not a {FORMAT} file")
-        if not isinstance(doc.get("versions"), dict):
-            raise ConfigurationError(f"keyring {self.path} has no versions")
+        versions = doc.get("versions")
+        if not isinstance(versions, dict) or not all(
+            isinstance(v, str) and v.isdigit() and not v.startswith("0") for v in versions
+        ):
+            raise ConfigurationError(
+                f"keyring {self.path} is damaged: versions must be positive integers"
+            )
         return doc
 
 

@@ -20,6 +20,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from cuscred.errors import (
     CuscredError,
     EnvReferenceDisabledError,
+    InvalidInputError,
     PermissionDeniedError,
     ScopeError,
     StorageError,
@@ -28,7 +29,8 @@ from cuscred.references import EncryptedRef, Reference, parse_reference
 from cuscred.services.audit import AuditLog, AuditRecord, Outcome, fingerprint_reference
 
 _DENIALS = (ScopeError, PermissionDeniedError, EnvReferenceDisabledError)
-_SAFE_TENANT = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
+_SAFE_TENANT = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
+_SAFE_ACTOR = re.compile(r"[ -~]{1,128}")  # printable ASCII: it is written to the audit trail
 
 
 @dataclass(slots=True)
@@ -62,6 +64,10 @@ class Attempt:
         )
 
 
+class _InternalError(CuscredError):
+    code = "internal_error"
+
+
 class AttemptRecorder:
     """Opens audited attempts for the credential service."""
 
@@ -78,17 +84,26 @@ class AttemptRecorder:
         Database errors are turned into :class:`StorageError` (with parameters hidden by the
         engine, so no SQL value reaches a message) before being audited.
         """
-        tenant = tenant_id if isinstance(tenant_id, str) and _SAFE_TENANT.match(tenant_id) else None
-        attempt = Attempt(action=action, actor=actor, tenant_id=tenant)
+        tenant = (tenant_id if isinstance(tenant_id, str) and _SAFE_TENANT.fullmatch(tenant_id)
+                  else None)
+        good_actor = isinstance(actor, str) and _SAFE_ACTOR.fullmatch(actor) is not None
+        attempt = Attempt(action=action, actor=actor if good_actor else "<invalid actor>",
+                          tenant_id=tenant)
         self._identify(attempt, reference)
         try:
+            if not good_actor:
+                raise InvalidInputError("actor must be 1-128 printable ASCII characters")
             yield attempt
         except SQLAlchemyError as exc:
-            error = StorageError("database error; nothing was changed")
+            error = StorageError("database error; the operation may not have completed, retry")
             self._record_failure(attempt, error)
             raise error from exc
         except CuscredError as exc:
             self._record_failure(attempt, exc)
+            raise
+        except Exception:
+            # A bug, not a refusal: still on the record, then the caller sees it unchanged.
+            self._record_failure(attempt, _InternalError())
             raise
 
     def _identify(self, attempt: Attempt, reference: object) -> None:

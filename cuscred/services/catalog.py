@@ -3,20 +3,20 @@ crypto-shred a tenant. Nothing here decrypts; listings show the stored masked hi
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Engine, delete, func, select
+from sqlalchemy import Engine, delete, func, select, update
 
-from cuscred.db.models import CREDENTIALS, TENANT_KEYS
-from cuscred.errors import CredentialNotFoundError, InvalidInputError
+from cuscred.db.models import CREDENTIALS, TENANT_KEYS, KeyState
+from cuscred.errors import CredentialNotFoundError, DecryptionError, InvalidInputError
 from cuscred.ids import is_credential_id
 from cuscred.references import EncryptedRef, parse_reference
 from cuscred.services.attempts import AttemptRecorder
 from cuscred.services.audit import AuditLog
-from cuscred.services.keys import KeyManager
+from cuscred.services.keys import SHREDDED_SALT, KeyManager
+from cuscred.services.sealing import context_from_json
 from cuscred.validation import validate_tenant_id
 
 _CRED = CREDENTIALS
@@ -40,7 +40,8 @@ class CredentialInfo:
     masked: str
     kek_version: int
     key_generation: int
-    context: dict[str, str]
+    #: None when the stored context is damaged (the row will not decrypt either).
+    context: dict[str, str] | None
     created_at: datetime
     rotated_at: datetime | None
     reencrypted_at: datetime | None
@@ -53,11 +54,15 @@ class CredentialInfo:
 
 
 def _info(row: Any) -> CredentialInfo:
+    try:
+        context: dict[str, str] | None = context_from_json(row.context_json)
+    except DecryptionError:
+        context = None  # a damaged row is still listed; decrypting it will fail loudly
     return CredentialInfo(
         credential_id=row.credential_id, reference=str(EncryptedRef(row.credential_id)),
         tenant_id=row.tenant_id, provider=row.provider, masked=row.masked,
         kek_version=row.kek_version, key_generation=row.key_generation,
-        context=json.loads(row.context_json), created_at=row.created_at,
+        context=context, created_at=row.created_at,
         rotated_at=row.rotated_at, reencrypted_at=row.reencrypted_at,
     )
 
@@ -79,42 +84,49 @@ class CredentialCatalog:
         self._audit = audit
         self._attempts = attempts
 
-    def describe_credential(self, tenant_id: str, credential_ref: str) -> CredentialInfo:
-        """Metadata of one of the tenant's credentials.
+    def describe_credential(
+        self, tenant_id: str, credential_ref: str, *, actor: str | None = None
+    ) -> CredentialInfo:
+        """Metadata of one of the tenant's credentials (nothing is decrypted). Only failed
+        attempts are audited: metadata reads carry no secret.
 
         Raises :class:`CredentialNotFoundError` if the id is not this tenant's.
         """
-        tenant = validate_tenant_id(tenant_id)
-        ref = as_encrypted_ref(credential_ref)
-        with self._engine.connect() as conn:
-            row = conn.execute(
-                select(*_INFO_COLUMNS).where(
-                    _CRED.c.credential_id == ref.credential_id, _CRED.c.tenant_id == tenant
-                )
-            ).first()
-        if row is None:
-            raise CredentialNotFoundError(f"no credential {ref.credential_id} for this tenant")
-        return _info(row)
+        with self._attempts.attempt("describe", actor or self.actor, tenant_id,
+                                    credential_ref) as attempt:
+            tenant = validate_tenant_id(tenant_id)
+            ref = as_encrypted_ref(credential_ref)
+            with self._engine.connect() as conn:
+                row = conn.execute(
+                    select(*_INFO_COLUMNS).where(_CRED.c.credential_id == ref.credential_id)
+                ).first()
+            if row is None or row.tenant_id != tenant:
+                if row is not None:
+                    attempt.denied_reason = "cross_tenant"
+                raise CredentialNotFoundError(
+                    f"no credential {ref.credential_id} for this tenant")
+            return _info(row)
 
     def list_credentials(
         self, tenant_id: str, *, limit: int = 100, after: str | None = None
     ) -> list[CredentialInfo]:
         """The tenant's credentials in creation order, ``limit`` at a time (keyset paging:
-        pass the last ``credential_id`` seen as ``after``)."""
-        tenant = validate_tenant_id(tenant_id)
-        if not isinstance(limit, int) or not 1 <= limit <= MAX_PAGE:
-            raise InvalidInputError(f"limit must be an integer in 1..{MAX_PAGE}")
-        if after is not None and not is_credential_id(after):
-            raise InvalidInputError("after must be a credential id (cred_...)")
-        query = select(*_INFO_COLUMNS).where(_CRED.c.tenant_id == tenant)
-        with self._engine.connect() as conn:
-            if after is not None:
-                after_pk = select(_CRED.c.pk).where(
-                    _CRED.c.credential_id == after, _CRED.c.tenant_id == tenant
-                ).scalar_subquery()
-                query = query.where(_CRED.c.pk > func.coalesce(after_pk, 0))
-            rows = conn.execute(query.order_by(_CRED.c.pk).limit(limit)).all()
-        return [_info(r) for r in rows]
+        pass the last ``credential_id`` seen as ``after``). Failed attempts are audited."""
+        with self._attempts.attempt("list", self.actor, tenant_id):
+            tenant = validate_tenant_id(tenant_id)
+            if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= MAX_PAGE:
+                raise InvalidInputError(f"limit must be an integer in 1..{MAX_PAGE}")
+            if after is not None and not is_credential_id(after):
+                raise InvalidInputError("after must be a credential id (cred_...)")
+            query = select(*_INFO_COLUMNS).where(_CRED.c.tenant_id == tenant)
+            with self._engine.connect() as conn:
+                if after is not None:
+                    after_pk = select(_CRED.c.pk).where(
+                        _CRED.c.credential_id == after, _CRED.c.tenant_id == tenant
+                    ).scalar_subquery()
+                    query = query.where(_CRED.c.pk > func.coalesce(after_pk, 0))
+                rows = conn.execute(query.order_by(_CRED.c.pk).limit(limit)).all()
+            return [_info(r) for r in rows]
 
     def delete_credential(
         self, tenant_id: str, credential_ref: str, *, actor: str | None = None
@@ -141,11 +153,14 @@ class CredentialCatalog:
                 self._audit.append(conn, [attempt.success()])
 
     def shred_tenant(self, tenant_id: str, *, actor: str | None = None) -> int:
-        """Crypto-shred a tenant: delete its key generations (salts) and every credential
-        sealed under them, in one audited transaction. Returns the number of credentials.
+        """Crypto-shred a tenant: wipe the salts of all its key generations and delete every
+        credential sealed under them, in one audited transaction. Returns the number of
+        credentials.
 
         Without the salt no key can be derived for the tenant's ciphertexts, so copies that
-        escaped (replicas, exports of the credentials table) become unreadable too.
+        escaped (replicas, exports of the credentials table) become unreadable too. The
+        generation rows stay as tombstones (empty salt, ``retired``) so that a tenant id that
+        comes back never reuses a generation number another process may still have cached.
         """
         with self._attempts.attempt("shred_tenant", actor or self.actor, tenant_id) as attempt:
             tenant = validate_tenant_id(tenant_id)
@@ -154,7 +169,8 @@ class CredentialCatalog:
                     select(func.count()).where(_CRED.c.tenant_id == tenant)
                 ).scalar_one()
                 conn.execute(delete(_CRED).where(_CRED.c.tenant_id == tenant))
-                conn.execute(delete(_TK).where(_TK.c.tenant_id == tenant))
+                conn.execute(update(_TK).where(_TK.c.tenant_id == tenant).values(
+                    salt=SHREDDED_SALT, state=KeyState.RETIRED))
                 attempt.success_reason = f"credentials={count}"
                 self._audit.append(conn, [attempt.success()])
             self._keys.forget_tenant(tenant)

@@ -265,7 +265,7 @@ class CredentialService(CredentialCatalog):
                 row = self._own_row(conn, at, tenant, ref.credential_id, query)
                 plaintext = open_row(
                     self._keys, conn, tenant_id=tenant, credential_id=ref.credential_id,
-                    ciphertext=bytes(row.ciphertext), kek_version=row.kek_version,
+                    ciphertext=row.ciphertext, kek_version=row.kek_version,
                     key_generation=row.key_generation, context=ctx,
                 )
                 self._audit.append(conn, [at.success()], tail=tail_of(row))
@@ -283,7 +283,7 @@ class CredentialService(CredentialCatalog):
         return row
 
     def _write_key(self, conn: Connection, tenant: str) -> TenantKey:
-        kek_version = self._keys.active_kek_version(conn)
+        kek_version = self._keys.active_version_for_write(conn)
         generation = self._keys.active_generation(conn, tenant, create=True)
         assert generation is not None  # create=True always yields one
         return self._keys.tenant_key(conn, tenant, generation, kek_version)

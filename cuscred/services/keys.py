@@ -18,6 +18,7 @@ Caches (per process, bounded, TTL'd, never persisted or pickled):
 from __future__ import annotations
 
 import contextlib
+import hmac
 import os
 import threading
 import time
@@ -28,16 +29,28 @@ from sqlalchemy import Connection, bindparam, func, select, update
 from sqlalchemy.exc import IntegrityError
 
 from cuscred.config import KdfName, Settings
-from cuscred.crypto.kdf import KdfParams, derive_tenant_key
+from cuscred.crypto.kdf import MIN_SALT_BYTES, KdfParams, derive_tenant_key
 from cuscred.crypto.keys import Kek, TenantKey
 from cuscred.db.models import CREDENTIALS, KEK_VERSIONS, TENANT_KEYS, KeyState, utcnow
 from cuscred.db.raw import Executor
-from cuscred.errors import ConfigurationError, DecryptionError, KeyStateError
+from cuscred.errors import (
+    ConfigurationError,
+    DecryptionError,
+    InvalidInputError,
+    KekUnavailableError,
+    KeyStateError,
+)
 from cuscred.kek.source import KekSource
 
 SALT_BYTES = 32
+#: The salt of a crypto-shredded generation: the row stays so its number is never reused.
+SHREDDED_SALT = b""
 # Statements on the resolve path are built once (see cuscred.db.raw).
-_STATES = select(KEK_VERSIONS.c.version, KEK_VERSIONS.c.state)
+_STATES = select(KEK_VERSIONS.c.version, KEK_VERSIONS.c.state, KEK_VERSIONS.c.check_value)
+_ACTIVE_FOR_SHARE = (
+    select(KEK_VERSIONS.c.version).where(KEK_VERSIONS.c.state == KeyState.ACTIVE)
+    .with_for_update(read=True)
+)
 _TENANT_PARAMS = select(TENANT_KEYS.c.salt, TENANT_KEYS.c.kdf, TENANT_KEYS.c.iterations).where(
     TENANT_KEYS.c.tenant_id == bindparam("tenant_id"),
     TENANT_KEYS.c.generation == bindparam("generation"),
@@ -58,14 +71,20 @@ _TRANSITIONS: dict[tuple[str | None, KeyState], str] = {
 
 
 def check_transition(
-    version: int, current: str | None, target: KeyState, rows_on_version: int
+    version: int, current: str | None, target: KeyState, rows_on_version: int,
+    *, first: bool = False,
 ) -> str:
     """The one place the version-window invariants are checked. Returns the action name.
 
     Raises :class:`KeyStateError` when the transition is not allowed: retiring the active
-    version, retiring a version that rows still use, or any jump not in the table.
+    version, retiring a version that rows still use, making an unregistered version active
+    when others exist (it must be registered first: step 1), or any jump not in the table.
     """
+    if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+        raise InvalidInputError("a KEK version is a positive integer")
     action = _TRANSITIONS.get((current, target))
+    if action == "bootstrap" and not first:
+        action = None
     if action is None:
         raise KeyStateError(
             f"KEK version {version}: cannot go from {current or 'unregistered'} to {target}"
@@ -76,6 +95,13 @@ def check_transition(
             "re-encrypt them before retiring it"
         )
     return action
+
+
+def check_value(kek: Kek) -> str:
+    """A public fingerprint of a KEK (HMAC of a fixed label): recorded when a version is
+    registered and compared on every load, so a replaced or wrong key is refused instead of
+    silently failing every decryption. Reveals nothing about the key."""
+    return hmac.new(kek.material(), b"cuscred/kek-check/v1", "sha256").hexdigest()[:32]
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,6 +126,7 @@ class KeyManager:
             maxsize=settings.key_cache_size
         )
         self._states: dict[int, str] = {}
+        self._check_values: dict[int, str] = {}
         self._states_read_at = float("-inf")
 
     def __repr__(self) -> str:
@@ -124,6 +151,13 @@ class KeyManager:
             kek = self._keks.get(version)
         if kek is None:
             kek = self.source.get(version)
+            recorded = self._check_values.get(version)
+            if recorded is not None and not hmac.compare_digest(recorded, check_value(kek)):
+                raise KekUnavailableError(
+                    f"KEK version {version} from the {self.source.kind} source is not the key "
+                    "recorded for that version (check value differs): wrong keyring or Vault "
+                    "path, or the key was replaced"
+                )
             with self._lock:
                 self._keks[version] = kek
         return kek
@@ -132,9 +166,10 @@ class KeyManager:
         now = time.monotonic()
         if fresh or now - self._states_read_at > self.settings.key_state_ttl_s:
             rows = conn.execute(_STATES).all()
-            states = {int(v): str(s) for v, s in rows}
+            states = {int(v): str(s) for v, s, _ in rows}
             with self._lock:
                 self._states, self._states_read_at = states, now
+                self._check_values.update({int(v): c for v, _, c in rows if c})
         return self._states
 
     def active_kek_version(self, conn: Executor, *, fresh: bool = True) -> int:
@@ -147,6 +182,19 @@ class KeyManager:
             raise ConfigurationError("no active KEK version; promote one with `cuscred keys`")
         return self._bootstrap(conn)
 
+    def active_version_for_write(self, conn: Connection) -> int:
+        """The active version, read with a share lock held to commit (PostgreSQL), so that a
+        concurrent promotion waits for this write and a retirement's census includes it."""
+        for _ in range(3):
+            version = conn.execute(_ACTIVE_FOR_SHARE).scalar()
+            if version is not None:
+                return int(version)
+            # None: no version yet, or a promotion committed while this statement waited (its
+            # snapshot predates the new active row); a new statement sees the new state.
+            if not self.kek_states(conn, fresh=True):
+                return self._bootstrap(conn)
+        raise ConfigurationError("no active KEK version; promote one with `cuscred keys`")
+
     def cached_active_kek_version(self, conn: Executor) -> int:
         return self.active_kek_version(conn, fresh=False)
 
@@ -158,14 +206,14 @@ class KeyManager:
                 f"the {self.source.kind} KEK source holds no key; create one with "
                 "`cuscred keygen` (local) or `cuscred keys create` (Vault)"
             )
-        self.kek(latest)  # refuse to adopt a version that cannot be loaded
+        kek = self.kek(latest)  # refuse to adopt a version that cannot be loaded
         # Another process may bootstrap at the same moment: the primary key lets one win and
         # the loser reads the winner's choice below.
         with contextlib.suppress(IntegrityError), conn.begin_nested():
             conn.execute(
                 _KV.insert().values(
                     version=latest, state=KeyState.ACTIVE, source=self.source.kind,
-                    created_at=utcnow(), activated_at=utcnow(),
+                    created_at=utcnow(), activated_at=utcnow(), check_value=check_value(kek),
                 )
             )
         return self.active_kek_version(conn)
@@ -188,17 +236,22 @@ class KeyManager:
     def set_kek_state(self, conn: Connection, version: int, target: KeyState) -> str:
         """Move ``version`` to ``target`` state (in the caller's transaction); returns the
         action name. Promotion demotes the previous active version in the same transaction."""
+        # Lock every version row first (PostgreSQL): state changes are serialised, and a writer
+        # holding the active row FOR SHARE (active_version_for_write) finishes before a
+        # promotion demotes it, so the census below counts every row written under it.
+        conn.execute(select(_KV.c.version).with_for_update())
         states = self.kek_states(conn, fresh=True)
         rows = self.census(conn).get(version, 0) if target is KeyState.RETIRED else 0
-        action = check_transition(version, states.get(version), target, rows)
-        if target is not KeyState.RETIRED:
-            self.kek(version)  # never make a version usable that cannot be loaded
+        action = check_transition(version, states.get(version), target, rows, first=not states)
+        kek = None if target is KeyState.RETIRED else self.kek(version)  # must be loadable
         now = utcnow()
         if action in ("register", "bootstrap"):
+            assert kek is not None
             conn.execute(
                 _KV.insert().values(
                     version=version, state=target, source=self.source.kind, created_at=now,
                     activated_at=now if target is KeyState.ACTIVE else None,
+                    check_value=check_value(kek),
                 )
             )
         else:
@@ -219,18 +272,22 @@ class KeyManager:
     # --- tenant keys ------------------------------------------------------------------------
 
     def tenant_params(self, conn: Executor, tenant_id: str, generation: int) -> TenantKeyParams:
+        """Salt and KDF of one generation (cached: they never change). A missing, shredded or
+        damaged row raises :class:`DecryptionError`: nothing can decrypt under it."""
         key = (tenant_id, generation)
         params = self._params.get(key)
         if params is None:
             row = conn.execute(
                 _TENANT_PARAMS, {"tenant_id": tenant_id, "generation": generation}
             ).first()
-            if row is None:
-                raise DecryptionError()  # shredded or never existed: nothing can decrypt it
-            # Salt and KDF of a generation never change, so they can be cached without a TTL.
-            params = TenantKeyParams(
-                salt=bytes(row.salt), kdf=KdfParams(KdfName(row.kdf), row.iterations)
-            )
+            if row is None or len(row.salt or b"") < MIN_SALT_BYTES:
+                raise DecryptionError()  # never existed, or crypto-shredded
+            try:
+                params = TenantKeyParams(
+                    salt=bytes(row.salt), kdf=KdfParams(KdfName(row.kdf), row.iterations)
+                )
+            except (ValueError, TypeError):
+                raise DecryptionError() from None  # a tampered KDF name or iteration count
             with self._lock:
                 self._params[key] = params
         return params
@@ -307,4 +364,4 @@ class KeyManager:
                 del self._params[p]
 
 
-__all__ = ["SALT_BYTES", "KeyManager", "TenantKeyParams", "check_transition"]
+__all__ = ["SALT_BYTES", "SHREDDED_SALT", "KeyManager", "TenantKeyParams", "check_transition"]

@@ -40,7 +40,7 @@ def context_from_json(text: str) -> dict[str, str]:
     """Parse a stored context; anything but an object of strings is a damaged row."""
     try:
         value = json.loads(text)
-    except ValueError:
+    except (ValueError, TypeError):  # not JSON, or not even text (a tampered column)
         raise DecryptionError() from None
     if not isinstance(value, dict) or not all(
         isinstance(k, str) and isinstance(v, str) for k, v in value.items()
@@ -66,7 +66,7 @@ def open_row(
     *,
     tenant_id: str,
     credential_id: str,
-    ciphertext: bytes,
+    ciphertext: object,
     kek_version: int,
     key_generation: int,
     context: Mapping[str, str],
@@ -77,7 +77,7 @@ def open_row(
     retired or unknown KEK version is refused. Every failure is :class:`DecryptionError`,
     except a KEK that cannot be *loaded*, which is an availability problem and says so.
     """
-    parsed = parse_unverified(ciphertext)
+    parsed = parse_unverified(ciphertext)  # anything but bytes is refused as a forgery
     if (parsed.kek_version, parsed.key_generation) != (kek_version, key_generation):
         raise DecryptionError()
     keys.ensure_decryptable(conn, parsed.kek_version)
