@@ -1,6 +1,8 @@
 # Two entry points for a fresh machine (see README): `make demo` and `make test`.
 # The virtualenv is built from requirements.lock (hash-pinned) so every machine gets the same set.
 PYTHON ?= python3
+# e.g. make demo DEMO_ARGS="--credentials 100000 --tenants 1000"
+DEMO_ARGS ?=
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
@@ -16,7 +18,7 @@ $(STAMP): requirements.lock pyproject.toml
 venv: $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/python -m cuscred.demo
+	$(BIN)/python -m cuscred.demo $(DEMO_ARGS)
 
 test: $(STAMP)
 	$(BIN)/ruff check .

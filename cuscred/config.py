@@ -109,6 +109,10 @@ class Settings(BaseSettings):
     chunk_lease_s: int = Field(default=360, ge=2)
     #: Presumed crashes of one chunk before it is marked failed (its rows left untouched).
     chunk_max_crashes: int = Field(default=3, ge=1)
+    #: Claims of one chunk, for any reason, before it is marked failed: retries of a
+    #: retryable error (Vault down) back off and do not count as crashes, but never go on
+    #: for ever either.
+    chunk_max_attempts: int = Field(default=100, ge=1)
     #: Pending chunks with no progress for this long are enqueued again (lost messages).
     chunk_requeue_after_s: int = Field(default=300, ge=1)
     #: Rotate the KEK when the active version is older than this (checked daily by beat).

@@ -6,12 +6,13 @@ Exit codes (also in the README) let a shell script tell failures apart:
 0     success
 1     unexpected internal error (a bug: please report it)
 2     usage error (wrong options; printed by the option parser)
-3     not found (no such credential for this tenant, Vault path/version gone)
+3     not found (no such credential for this tenant or job, Vault path/version gone)
 4     denied (outside the tenant's scope, Vault permission, env:// disabled)
 5     the stored value failed to decrypt/authenticate
 6     invalid input (secret, tenant id, context, reference); nothing changed
 7     a key-state change was refused (e.g. retiring a version rows still use)
-8     verification failed (audit chain broken)
+8     verification failed (audit chain broken, credentials that do not decrypt)
+9     a job did not complete cleanly (completed_with_errors, failed, cancelled, unfinished)
 69    a service is unavailable (Vault, database); safe to retry later
 78    configuration error (missing keyring, bad CUSCRED_* setting)
 ====  ==========================================================
@@ -41,6 +42,7 @@ EXIT_DECRYPT = 5
 EXIT_INVALID = 6
 EXIT_KEY_STATE = 7
 EXIT_VERIFY = 8
+EXIT_JOB = 9
 EXIT_UNAVAILABLE = 69
 EXIT_CONFIG = 78
 
@@ -165,6 +167,16 @@ def quiet_logging() -> None:
 
 
 __all__ = [
+    "EXIT_CONFIG",
+    "EXIT_DECRYPT",
+    "EXIT_DENIED",
+    "EXIT_INTERNAL",
+    "EXIT_INVALID",
+    "EXIT_JOB",
+    "EXIT_KEY_STATE",
+    "EXIT_NOT_FOUND",
+    "EXIT_UNAVAILABLE",
+    "EXIT_VERIFY",
     "CliState",
     "err_console",
     "exit_code_for",

@@ -127,6 +127,9 @@ class ChunkProcessor:
             if crashes >= self._settings.chunk_max_crashes:
                 self._give_up(conn, job_id, chunk, crashes, "repeated worker crashes")
                 return None
+            if chunk.attempts >= self._settings.chunk_max_attempts:
+                self._give_up(conn, job_id, chunk, crashes, f"{chunk.attempts} attempts")
+                return None
             token = secrets.token_hex(16)
             _set_chunk(
                 conn, job_id, chunk_no, status=ChunkStatus.RUNNING, attempts=chunk.attempts + 1,

@@ -22,7 +22,7 @@ from cuscred.db.models import (
     utcnow,
 )
 from cuscred.errors import CuscredError, InvalidInputError
-from cuscred.jobs.finalize import FINAL
+from cuscred.jobs.finalize import FINAL, chunk_sums
 from cuscred.jobs.service import RotationService
 from cuscred.services.audit import AuditRecord, Outcome
 from cuscred.services.sealing import context_from_json, open_row
@@ -72,8 +72,10 @@ class JobControl:
             conn.execute(update(_CH).where(_CH.c.job_id == job_id,
                                            _CH.c.status == ChunkStatus.PENDING)
                          .values(status=ChunkStatus.CANCELLED))
+            sums = chunk_sums(conn, job_id)  # what finished chunks did; a running one may add
             conn.execute(update(_J).where(_J.c.id == job_id).values(
-                status=JobStatus.CANCELLED, finished_at=utcnow()))
+                status=JobStatus.CANCELLED, finished_at=utcnow(), total=sums["total"],
+                done=sums["done"], skipped=sums["skipped"], failed=sums["failed"]))
             self.service.audit_job(conn, "job_cancelled", job_id, job.tenant_id, actor)
         return JobStatus.CANCELLED
 
@@ -169,7 +171,10 @@ class JobControl:
         once; one audit event records the run."""
         if job_id is not None:
             with self._engine.connect() as conn:
-                tenant_id = conn.execute(select(_J.c.tenant_id).where(_J.c.id == job_id)).scalar()
+                job = conn.execute(select(_J.c.tenant_id).where(_J.c.id == job_id)).first()
+            if job is None:
+                raise InvalidInputError(f"no job {job_id}")
+            tenant_id = job.tenant_id
         tenant = None if tenant_id is None else validate_tenant_id(tenant_id)
         report = VerifyReport()
         last_pk = 0

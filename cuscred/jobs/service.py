@@ -96,6 +96,9 @@ class RotationService:
         """A new key generation (fresh salt) for one tenant and a job moving its rows to it."""
         tenant = validate_tenant_id(tenant_id)
         with self.engine.begin() as conn:
+            if self.keys.active_generation(conn, tenant, create=False) is None:
+                # A typo must not create a tenant: re-keying needs one that exists.
+                raise InvalidInputError(f"tenant {tenant!r} has no active key generation")
             generation = self.keys.add_generation(conn, tenant)
             kek = self.keys.active_kek_version(conn)
             job_id = create_job(conn, JobKind.TENANT_REKEY, requested_by=requested_by,
