@@ -127,3 +127,43 @@ def test_installed_entry_point_runs(cli_env: dict[str, str]) -> None:
     done = subprocess.run([exe, "put", "--tenant", "acme"], env=env, input=SECRET,
                           text=True, capture_output=True, check=True)
     assert done.stdout.startswith("encrypted://")
+
+
+def test_stored_text_is_never_rendered_as_markup(cli_env: dict[str, str]) -> None:
+    run(cli_env, "keygen")
+    markup = '{"type": "service_account", "client_email": "[/bold][red]x@y.iam"}'
+    code, ref, _ = run(cli_env, "put", "--tenant", "acme", "--context", "purpose=[/bold]",
+                       stdin=markup)
+    assert code == 0
+    code, out, _ = run(cli_env, "show", "--tenant", "acme", ref.strip())
+    assert code == 0 and "[/bold]" in out
+    code, out, _ = run(cli_env, "list", "--tenant", "acme")
+    assert code == 0 and "[/bold][red]x@y.iam" in out
+
+
+def test_expect_head_checks_the_anchored_row(cli_env: dict[str, str]) -> None:
+    run(cli_env, "keygen")
+    run(cli_env, "put", "--tenant", "acme", stdin=SECRET)
+    assert run(cli_env, "audit", "verify", "--expect-head", "1:deadbeef")[0] == 8
+    assert run(cli_env, "audit", "verify", "--expect-head", "nonsense")[0] == 6
+
+
+def test_keygen_refuses_when_the_database_records_keys(cli_env: dict[str, str]) -> None:
+    run(cli_env, "keygen")
+    run(cli_env, "db", "upgrade")
+    run(cli_env, "put", "--tenant", "acme", stdin=SECRET)
+    Path(cli_env["CUSCRED_KEYRING_PATH"]).unlink()  # the keyring was lost
+    code, _, err = run(cli_env, "keygen")
+    assert code == 78 and "restore the keyring" in err
+    assert not Path(cli_env["CUSCRED_KEYRING_PATH"]).exists()
+
+
+def test_database_down_is_exit_69(tmp_path: Path) -> None:
+    env = {"CUSCRED_DATABASE_URL": "postgresql://postgres@127.0.0.1:1/nowhere",
+           "CUSCRED_KEYRING_PATH": str(tmp_path / "k.json")}
+    run(env, "keygen")
+    for args in (["list", "--tenant", "acme"], ["resolve", "--tenant", "acme",
+                                                "encrypted://cred_" + "0" * 26],
+                 ["keys", "status"], ["audit", "verify"]):
+        code, _, err = run(env, *args)
+        assert code == 69, (args, err)

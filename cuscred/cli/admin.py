@@ -6,11 +6,15 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich.markup import escape
 from rich.table import Table
+from sqlalchemy.exc import SQLAlchemyError
 
 from cuscred.cli.common import (
     EXIT_CONFIG,
+    EXIT_INVALID,
     EXIT_VERIFY,
+    CliState,
     err_console,
     fail,
     handled,
@@ -42,8 +46,22 @@ def keygen(
         fail("CUSCRED_KEK_SOURCE is not 'local'; the KEK lives in Vault", EXIT_CONFIG,
              "use `cuscred keys create` to write a KEK version to Vault")
     with handled():
+        recorded = _recorded_kek_versions(state(ctx))
+        if recorded:
+            fail(f"the database already records KEK version(s) {recorded}; a new keyring could "
+                 "not decrypt anything stored under them", EXIT_CONFIG,
+                 f"restore the keyring file from backup to {path or settings.keyring_path}")
         keyring = LocalKeyring.create(path or settings.keyring_path)
     err_console.print(f"created keyring {keyring.path} (KEK version 1, mode 0600)")
+
+
+def _recorded_kek_versions(cli: CliState) -> list[int]:
+    """KEK versions the database knows, or [] if it has no schema yet (keygen comes first)."""
+    try:
+        with cli.runtime.engine.connect() as conn:
+            return sorted(cli.runtime.keys.kek_states(conn, fresh=True))
+    except SQLAlchemyError:
+        return []
 
 
 @db_app.command("upgrade")
@@ -146,26 +164,28 @@ def audit_verify(
     json: Json = False,
 ) -> None:
     """Walk the audit chain; exit 8 naming the first edited, inserted or deleted row."""
+    anchor = _parse_head(expect_head) if expect_head else None
     runtime = state(ctx).runtime
     with handled(), runtime.engine.connect() as conn:
-        report = verify_chain(conn, runtime.audit.keys)
-    problem, seq = report.problem, report.problem_seq
-    if report.ok and expect_head:
-        want_seq, _, want_mac = expect_head.partition(":")
-        if not want_seq.isdigit() or int(want_seq) > report.head_seq:
-            problem, seq = "truncated", int(want_seq) if want_seq.isdigit() else None
-        elif int(want_seq) == report.head_seq and want_mac != report.head_mac:
-            problem, seq = "edited", report.head_seq
+        report = verify_chain(conn, runtime.audit.keys, expect_head=anchor)
     if json:
-        print_json({**vars_of(report), "problem": problem, "problem_seq": seq})
-    elif problem is None:
+        print_json(vars_of(report))
+    elif report.ok:
         out_console.print(f"audit chain OK: {report.rows_checked} rows; "
                           f"head {report.head_seq}:{report.head_mac}")
     else:
-        err_console.print(f"[bold red]audit chain broken:[/] {problem} at row {seq}"
-                          + (f" ({report.detail})" if report.detail else ""))
-    if problem is not None:
+        err_console.print(f"[bold red]audit chain broken:[/] {report.problem} at row "
+                          f"{report.problem_seq}"
+                          + (f" ({escape(report.detail)})" if report.detail else ""))
+    if not report.ok:
         raise typer.Exit(EXIT_VERIFY)
+
+
+def _parse_head(text: str) -> tuple[int, str]:
+    seq, sep, mac = text.partition(":")
+    if not sep or not seq.isdigit() or not mac:
+        fail("--expect-head takes SEQ:MAC as printed by `cuscred audit verify`", EXIT_INVALID)
+    return int(seq), mac
 
 
 def register(app: typer.Typer) -> None:

@@ -30,6 +30,8 @@ from typing import Any, NoReturn
 
 import typer
 from rich.console import Console
+from rich.markup import escape
+from sqlalchemy.exc import SQLAlchemyError
 
 from cuscred import errors
 from cuscred.config import Settings
@@ -119,11 +121,11 @@ def handled() -> Iterator[None]:
         yield
     except errors.CuscredError as exc:
         hint = "retry later" if exc.retryable else None
-        fail(_escape(str(exc)) or type(exc).__name__, exit_code_for(exc), hint)
-
-
-def _escape(text: str) -> str:
-    return text.replace("[", r"\[")
+        fail(escape(str(exc)) or type(exc).__name__, exit_code_for(exc), hint)
+    except SQLAlchemyError:
+        # The library maps its own database errors; this catches reads the CLI makes itself.
+        fail("database error (unreachable, or the schema is not migrated: `cuscred db "
+             "upgrade`)", EXIT_UNAVAILABLE, "retry later")
 
 
 def read_secret(what: str = "secret") -> str:

@@ -7,6 +7,7 @@ import sys
 from typing import Annotated
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from cuscred.cli.common import (
@@ -63,11 +64,13 @@ def list_(
         return
     table = Table("reference", "provider", "masked", "KEK", "gen", "created", "rotated")
     for i in items:
-        table.add_row(i.reference, i.provider, i.masked, str(i.kek_version),
-                      str(i.key_generation), _ts(i.created_at), _ts(i.rotated_at))
+        # Stored text (masks of tenant-supplied JSON) is shown literally, never as markup.
+        table.add_row(escape(i.reference), escape(i.provider), escape(i.masked),
+                      str(i.kek_version), str(i.key_generation), _ts(i.created_at),
+                      _ts(i.rotated_at))
     out_console.print(table)
     if not items:
-        err_console.print(f"no credentials for tenant {tenant!r}")
+        err_console.print(f"no credentials for tenant {tenant!r}", markup=False)
 
 
 def show(ctx: typer.Context, tenant: Tenant, ref: Ref, json: Json = False) -> None:
@@ -176,7 +179,7 @@ def _ts(value: object) -> str:
 
 def _print_info(info: CredentialInfo) -> None:
     for name, value in info.as_json().items():
-        out_console.print(f"{name:>16}: {value if value is not None else '-'}")
+        out_console.print(f"{name:>16}: {value if value is not None else '-'}", markup=False)
 
 
 def register(app: typer.Typer) -> None:
