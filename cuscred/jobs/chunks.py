@@ -24,6 +24,7 @@ outside the ciphertext, or returned.
 
 from __future__ import annotations
 
+import contextlib
 import secrets
 import time
 from collections.abc import Callable, Sequence
@@ -41,6 +42,7 @@ from cuscred.db.models import (
     ROTATION_JOBS,
     ChunkStatus,
     JobStatus,
+    KeyState,
     utcnow,
 )
 from cuscred.errors import CuscredError, DecryptionError, KekUnavailableError
@@ -99,11 +101,13 @@ class ChunkProcessor:
     def process(self, job_id: int, chunk_no: int) -> ChunkOutcome:
         """Claim and run one chunk. Raises the error of a failed attempt after releasing the
         claim (retryable errors: see :func:`is_retryable`)."""
-        token = self._claim(job_id, chunk_no)
-        if token is None:
+        claim = self._claim(job_id, chunk_no)
+        if claim is None:
             return ChunkOutcome(job_id, chunk_no, "not_claimed")
+        token, keks_needed = claim
         started = time.monotonic()
         try:
+            self._prefetch_keks(*keks_needed)
             return self._work(job_id, chunk_no, token, started)
         except BaseException as exc:
             self._release(job_id, chunk_no, token, exc)
@@ -111,14 +115,18 @@ class ChunkProcessor:
 
     # --- claim / release ----------------------------------------------------------------------
 
-    def _claim(self, job_id: int, chunk_no: int) -> str | None:
+    def _claim(self, job_id: int, chunk_no: int) -> tuple[str, tuple[int, set[int]]] | None:
+        """Take the chunk; return its claim token and the KEK versions its work may need
+        (the job's target, and every version that can still decrypt)."""
         with self._engine.begin() as conn:
             chunk = _locked_chunk(conn, job_id, chunk_no)
             if chunk is None or chunk.status in _TERMINAL:
                 return None
-            job_status = conn.execute(select(_J.c.status).where(_J.c.id == job_id)).scalar()
+            job = conn.execute(
+                select(_J.c.status, _J.c.target_kek_version).where(_J.c.id == job_id)
+            ).one()
             now = utcnow()
-            if job_status == JobStatus.CANCELLED:
+            if job.status == JobStatus.CANCELLED:
                 _set_chunk(conn, job_id, chunk_no, status=ChunkStatus.CANCELLED, lease_until=None)
                 return None
             if chunk.status == ChunkStatus.RUNNING and chunk.lease_until > now:
@@ -136,7 +144,23 @@ class ChunkProcessor:
                 crashes=crashes, claim_token=token, started_at=now,
                 lease_until=now + timedelta(seconds=self._settings.chunk_lease_s),
             )
-            return token
+            readable = {v for v, state in self._keys.kek_states(conn).items()
+                        if state != KeyState.RETIRED}
+            return token, (int(job.target_kek_version), readable)
+
+    def _prefetch_keks(self, target: int, readable: set[int]) -> None:
+        """Load the KEKs into the key cache before the work transaction takes its locks.
+
+        On SQLite the work transaction holds the database's one write lock from its first
+        statement; a Vault round trip inside it (or ``vault_timeout_s`` per attempt while Vault
+        is down) would stall every other writer. Vault being unavailable raises here, before
+        anything is locked, and the chunk is released for a retry. A source version that is
+        missing is left for the work to record per row; a missing target fails the chunk.
+        """
+        self._keys.kek(target)
+        for version in sorted(readable - {target}):
+            with contextlib.suppress(KekUnavailableError):
+                self._keys.kek(version)
 
     def _release(self, job_id: int, chunk_no: int, token: str, exc: BaseException) -> None:
         retryable = is_retryable(exc)
