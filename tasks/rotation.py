@@ -17,16 +17,26 @@ from typing import Any
 from celery import Task
 
 from cuscred.errors import CuscredError
-from cuscred.jobs.celery_runner import TASK_ADVANCE, TASK_CHUNK, TASK_FINALIZE, TASK_START
+from cuscred.jobs.celery_runner import (
+    TASK_ADVANCE,
+    TASK_CHUNK,
+    TASK_FINALIZE,
+    TASK_START,
+    CeleryRunner,
+)
 from cuscred.jobs.chunks import is_retryable
 from cuscred.jobs.control import JobControl
 from cuscred.jobs.service import RotationService
 from worker import runtime as process_runtime
 from worker.app import app
+from worker.config import TASK_CHECK_ROTATION_DUE, TASK_SWEEP
 
 log = logging.getLogger("cuscred.tasks")
 MAX_RETRIES = 40
 BACKOFF_CAP_S = 60
+#: Follow-up steps go out through this worker's own app: one broker connection pool per
+#: process (a runner from settings would build a new Celery app, and a new pool, per task).
+_RUNNER = CeleryRunner(app)
 
 
 class TaskFailedError(Exception):
@@ -34,7 +44,7 @@ class TaskFailedError(Exception):
 
 
 def _service() -> RotationService:
-    return process_runtime.runtime().rotation()
+    return process_runtime.runtime().rotation(_RUNNER)
 
 
 def _run(task: Task, what: str, call: Any) -> Any:
@@ -113,14 +123,15 @@ def verify(self: Task, job_id: int | None = None, tenant_id: str | None = None) 
             "failed_ids": [cid for cid, _ in report.failures]}
 
 
-@app.task(name="tasks.rotation.check_rotation_due", **_JOB)
+@app.task(name=TASK_CHECK_ROTATION_DUE, **_JOB)
 def check_rotation_due(self: Task) -> dict[str, Any]:
-    """Beat, daily: start a KEK rotation if the active version is older than the maximum age."""
+    """Beat, daily and at beat start-up: start a KEK rotation if the active version is older
+    than the maximum age (at most one is ever in flight)."""
     job_id = _run(self, "check_rotation_due", lambda: JobControl(_service()).check_rotation_due())
     return {"job_id": job_id}
 
 
-@app.task(name="tasks.rotation.sweep", **_JOB)
+@app.task(name=TASK_SWEEP, **_JOB)
 def sweep(self: Task) -> dict[str, Any]:
     """Beat, every minute: re-enqueue chunks whose lease ran out or whose message was lost."""
     report = _run(self, "sweep", lambda: JobControl(_service()).sweep())

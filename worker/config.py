@@ -9,7 +9,11 @@ from cuscred.config import Settings
 from cuscred.errors import ConfigurationError
 from cuscred.jobs.celery_runner import QUEUE, TASK_CHUNK
 
+TASK_CHECK_ROTATION_DUE = "tasks.rotation.check_rotation_due"
+TASK_SWEEP = "tasks.rotation.sweep"
 SWEEP_EVERY = timedelta(seconds=60)
+#: Beat also sends one check when it starts (worker.app): an interval alone restarts from zero
+#: with every beat restart that loses the schedule file.
 ROTATION_CHECK_EVERY = timedelta(days=1)
 
 
@@ -55,15 +59,17 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         },
         "beat_schedule": {
             "kek-rotation-due": {
-                "task": "tasks.rotation.check_rotation_due",
+                "task": TASK_CHECK_ROTATION_DUE,
                 "schedule": ROTATION_CHECK_EVERY,
             },
             "sweep-expired-chunks": {
-                "task": "tasks.rotation.sweep",
+                "task": TASK_SWEEP,
                 "schedule": SWEEP_EVERY,
             },
         },
     }
 
 
-__all__ = ["QUEUE", "celery_config", "check_visibility_timeout"]
+__all__ = [
+    "QUEUE", "TASK_CHECK_ROTATION_DUE", "TASK_SWEEP", "celery_config", "check_visibility_timeout",
+]

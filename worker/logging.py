@@ -13,7 +13,9 @@ from cuscred.logging_redaction import RedactingFilter
 
 def install_logging(settings: Settings) -> None:
     root = logging.getLogger()
-    handler = logging.StreamHandler(sys.stderr)
+    # The process's real stderr: beat has already pointed sys.stderr at a proxy that logs what
+    # is written to it, which would swallow every record sent back to it.
+    handler = logging.StreamHandler(sys.__stderr__ or sys.stderr)
     handler.addFilter(RedactingFilter())
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     root.handlers[:] = [handler]
