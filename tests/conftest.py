@@ -24,7 +24,7 @@ from cuscred.db.session import make_engine
 from cuscred.factory import Runtime, build_runtime
 from cuscred.kek.local import LocalKeyring
 
-pytest_plugins = ["tests.vault_fixtures"]
+pytest_plugins = ["tests.vault_fixtures", "tests.worker_fixtures"]
 
 PG_ADMIN_DSN = os.environ.get("CUSCRED_TEST_PG_DSN", "postgresql://postgres@127.0.0.1:5432/test")
 _TABLES_IN_DELETE_ORDER = ("audit_events", "credentials", "tenant_keys", "kek_versions")
