@@ -97,7 +97,8 @@ class Settings(BaseSettings):
 
     # --- the rotation worker ---
     #: Celery broker (Redis). Unset: jobs run their chunks in-process (embedded default).
-    broker_url: str | None = Field(default=None, repr=False)
+    #: Secret: a Redis URL may carry a password.
+    broker_url: SecretStr | None = None
     #: Seconds Redis waits before redelivering an unacknowledged task; must exceed the chunk
     #: task's hard time limit or a slow chunk would be delivered twice while it runs.
     broker_visibility_timeout_s: int = Field(default=3600, ge=10)
@@ -166,6 +167,12 @@ class Settings(BaseSettings):
     @property
     def ref_mounts(self) -> frozenset[str]:
         return frozenset(m.strip() for m in self.vault_ref_mounts.split(",") if m.strip())
+
+    def broker_url_value(self) -> str | None:
+        """The broker URL in clear, for Celery only; None (or empty) means in-process."""
+        if self.broker_url is None:
+            return None
+        return self.broker_url.get_secret_value() or None
 
     @property
     def is_development(self) -> bool:

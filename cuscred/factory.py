@@ -59,7 +59,7 @@ class Runtime:
         """The job service; with no runner given, Celery if a broker is configured, else
         chunks run in this process (the embedded default)."""
         if runner is None:
-            runner = (CeleryRunner.from_settings(self.settings) if self.settings.broker_url
+            runner = (CeleryRunner.from_settings(self.settings) if self.settings.broker_url_value()
                       else InProcessRunner())
         service = RotationService(self.engine, self.keys, self.audit, self.settings, runner,
                                   actor=actor)

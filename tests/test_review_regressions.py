@@ -229,10 +229,15 @@ def test_d16_unusable_database_url_is_a_configuration_error(url: str) -> None:
     assert "pw" not in str(info.value)
 
 
-def test_d17_database_password_stays_out_of_dumps() -> None:
-    settings = Settings.from_env({"CUSCRED_DATABASE_URL": "postgresql://u:hunter2pw@h/db"})
-    assert "hunter2pw" not in repr(settings) + str(settings.model_dump())
-    assert "hunter2pw" not in settings.model_dump_json()
+def test_d17_database_and_broker_passwords_stay_out_of_dumps() -> None:
+    settings = Settings.from_env({
+        "CUSCRED_DATABASE_URL": "postgresql://u:hunter2pw@h/db",
+        "CUSCRED_BROKER_URL": "redis://:brokerpw99@h:6379/0",
+    })
+    dumps = repr(settings) + str(settings) + str(settings.model_dump())
+    dumps += settings.model_dump_json()
+    assert "hunter2pw" not in dumps and "brokerpw99" not in dumps
+    assert settings.broker_url_value() == "redis://:brokerpw99@h:6379/0"
 
 
 def test_cross_tenant_describe_is_audited_as_denied(runtime: Runtime) -> None:

@@ -32,10 +32,11 @@ def check_visibility_timeout(settings: Settings) -> None:
 
 
 def celery_config(settings: Settings) -> dict[str, Any]:
-    if not settings.broker_url:
+    broker_url = settings.broker_url_value()
+    if not broker_url:
         raise ConfigurationError("CUSCRED_BROKER_URL must be set to run the worker or beat")
     return {
-        "broker_url": settings.broker_url,
+        "broker_url": broker_url,
         "broker_connection_retry_on_startup": True,
         "broker_transport_options": {"visibility_timeout": settings.broker_visibility_timeout_s},
         # Status lives in SQL tables; task results are small count dicts, kept nowhere.

@@ -61,7 +61,7 @@ kek_app = typer.Typer(help="KEK rotation (new version, promote, re-encrypt every
 def launch(st: CliState, start: Start, *, wait: bool, json: bool, verb: str = "started") -> None:
     """Run ``start`` on a rotation service and report the job the way every command does."""
     runtime = st.runtime
-    in_process = not runtime.settings.broker_url
+    in_process = not runtime.settings.broker_url_value()
     runner = AnnouncingRunner() if in_process else None
     service = runtime.rotation(runner, actor=st.actor or "cli")
     bg: Background[tuple[int, bool]] | None = None

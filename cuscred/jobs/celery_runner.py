@@ -29,7 +29,7 @@ class CeleryRunner:
     def from_settings(cls, settings: Settings) -> CeleryRunner:
         from celery import Celery  # only processes that enqueue need Celery loaded
 
-        app = Celery("cuscred-client", broker=settings.broker_url, set_as_current=False)
+        app = Celery("cuscred-client", broker=settings.broker_url_value(), set_as_current=False)
         app.conf.update(
             task_serializer="json", accept_content=["json"], task_default_queue=QUEUE,
             broker_transport_options={
