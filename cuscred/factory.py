@@ -21,6 +21,7 @@ from cuscred.jobs.service import RotationService
 from cuscred.kek.local import LocalKeyring
 from cuscred.kek.source import KekSource
 from cuscred.kek.vault import VaultKekSource
+from cuscred.services import health
 from cuscred.services.audit import AuditKeys, AuditLog
 from cuscred.services.credentials import CredentialService
 from cuscred.services.key_admin import KeyAdmin
@@ -70,6 +71,11 @@ class Runtime:
     def job_control(self, runner: JobRunner | None = None) -> JobControl:
         return JobControl(self.rotation(runner))
 
+    def preflight(self) -> None:
+        """Fail fast if a KEK version that rows use cannot be loaded (see
+        :func:`cuscred.services.health.preflight`): one line naming the version."""
+        health.preflight(self)
+
     def dispose(self) -> None:
         """Close pooled connections (call in a child process after fork)."""
         self.engine.dispose(close=False)
@@ -91,14 +97,25 @@ def build_kek_source(settings: Settings, vault_kv: VaultKV | None) -> KekSource:
     return LocalKeyring(settings.keyring_path)
 
 
-def build_runtime(settings: Settings, *, engine: Engine | None = None) -> Runtime:
-    """Engine, keys and audit log for ``settings``. Makes no network call by itself."""
+def build_runtime(
+    settings: Settings, *, engine: Engine | None = None, preflight: bool | None = None
+) -> Runtime:
+    """Engine, keys and audit log for ``settings``.
+
+    ``preflight`` (default: in production only) checks at once that every KEK version rows
+    use can be loaded, so a process with a missing key fails at start-up with one line naming
+    the version (:class:`ConfigurationError`) instead of failing each access later. Without it
+    nothing here makes a network call.
+    """
     engine = engine or make_engine(settings.database_url.get_secret_value(), hide_parameters=True)
     sessions = make_session_factory(engine)
     vault_kv = build_vault_kv(settings)
     keys = KeyManager(build_kek_source(settings, vault_kv), settings)
     audit = AuditLog(AuditKeys(keys.kek, keys.cached_active_kek_version))
-    return Runtime(settings, engine, sessions, keys, audit, vault_kv)
+    runtime = Runtime(settings, engine, sessions, keys, audit, vault_kv)
+    if preflight if preflight is not None else not settings.is_development:
+        runtime.preflight()
+    return runtime
 
 
 def build_service(

@@ -22,7 +22,7 @@ from typing import Any, NoReturn
 from celery import Celery
 from celery.signals import beat_init, worker_init, worker_process_init
 
-from cuscred.errors import ConfigurationError
+from cuscred.errors import ConfigurationError, CuscredError
 from worker import runtime as process_runtime
 from worker.config import TASK_CHECK_ROTATION_DUE, celery_config, check_visibility_timeout
 from worker.logging import install_logging
@@ -30,6 +30,8 @@ from worker.logging import install_logging
 log = logging.getLogger("cuscred.beat")
 #: Exit status of a process refused for its configuration (``EX_CONFIG`` in sysexits.h).
 EXIT_CONFIG = 78
+#: Exit status when a service it needs is down at start-up (``EX_UNAVAILABLE``).
+EXIT_UNAVAILABLE = 69
 
 app = Celery("cuscred", include=["tasks.rotation"])
 
@@ -48,6 +50,14 @@ def _or_refuse() -> Iterator[None]:
         yield
     except ConfigurationError as exc:
         refuse_to_start(exc)
+    except CuscredError as exc:
+        if not exc.retryable:
+            raise
+        # Vault or the database is down: nothing to work with yet. Exit so the supervisor
+        # restarts the process later, rather than serve tasks that would all fail.
+        stream = sys.__stderr__ or sys.stderr
+        print(f"cuscred: cannot start: {exc}", file=stream, flush=True)
+        raise SystemExit(EXIT_UNAVAILABLE) from None
 
 
 @app.on_configure.connect
@@ -61,6 +71,10 @@ def _start_checks() -> None:
         settings = process_runtime.settings()
         check_visibility_timeout(settings)
     install_logging(settings)
+    with _or_refuse():
+        # Rows on a KEK version that cannot be loaded: say so now, once, naming the version,
+        # instead of failing every chunk that meets them.
+        process_runtime.runtime().preflight()
 
 
 @worker_init.connect

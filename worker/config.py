@@ -8,6 +8,7 @@ from typing import Any
 from cuscred.config import Settings
 from cuscred.errors import ConfigurationError
 from cuscred.jobs.celery_runner import QUEUE, TASK_CHUNK
+from cuscred.services.health import visibility_timeout_problem
 
 TASK_CHECK_ROTATION_DUE = "tasks.rotation.check_rotation_due"
 TASK_SWEEP = "tasks.rotation.sweep"
@@ -18,17 +19,10 @@ ROTATION_CHECK_EVERY = timedelta(days=1)
 
 
 def check_visibility_timeout(settings: Settings) -> None:
-    """Refuse to run when Redis could redeliver a chunk task while it is still running.
-
-    Redis redelivers an unacknowledged task after ``visibility_timeout``; with late acks a
-    chunk task is unacknowledged for as long as it runs, up to its hard time limit.
-    """
-    if settings.broker_visibility_timeout_s <= settings.chunk_time_limit_s:
-        raise ConfigurationError(
-            f"CUSCRED_BROKER_VISIBILITY_TIMEOUT_S ({settings.broker_visibility_timeout_s}) must "
-            f"exceed CUSCRED_CHUNK_TIME_LIMIT_S ({settings.chunk_time_limit_s}), or Redis would "
-            "deliver a running chunk task a second time"
-        )
+    """Refuse to run when Redis could redeliver a chunk task while it is still running."""
+    problem = visibility_timeout_problem(settings)
+    if problem:
+        raise ConfigurationError(problem)
 
 
 def celery_config(settings: Settings) -> dict[str, Any]:

@@ -27,6 +27,7 @@ from cuscred.db.migrate import current_and_head, upgrade_to_head
 from cuscred.db.models import KeyState
 from cuscred.kek.local import LocalKeyring
 from cuscred.services.audit_verify import verify_chain
+from cuscred.services.health import run_checks
 
 Json = Annotated[bool, typer.Option("--json", help="Machine-readable output.")]
 Version = Annotated[int, typer.Argument(help="KEK version number.", min=1)]
@@ -181,6 +182,26 @@ def audit_verify(
         raise typer.Exit(EXIT_VERIFY)
 
 
+def doctor(ctx: typer.Context, json: Json = False) -> None:
+    """Check the installation: schema at head, Vault unsealed, every KEK version in use
+    loadable, the audit chain, the broker. Exit 8 if anything is wrong (a readiness probe)."""
+    st = state(ctx)
+    st.preflight = False  # report a missing key as a failed check, not as a start-up refusal
+    with handled():
+        checks = run_checks(st.runtime)
+    ok = all(c.ok for c in checks)
+    if json:
+        print_json({"ok": ok, "checks": [vars_of(c) for c in checks]})
+    else:
+        table = Table("check", "status", "detail")
+        for c in checks:
+            table.add_row(c.name, "[green]ok[/]" if c.ok else "[bold red]FAIL[/]",
+                          escape(c.detail))
+        out_console.print(table)
+    if not ok:
+        raise typer.Exit(EXIT_VERIFY)
+
+
 def _parse_head(text: str) -> tuple[int, str]:
     seq, sep, mac = text.partition(":")
     if not sep or not seq.isdigit() or not mac:
@@ -190,6 +211,7 @@ def _parse_head(text: str) -> tuple[int, str]:
 
 def register(app: typer.Typer) -> None:
     app.command()(keygen)
+    app.command()(doctor)
     app.add_typer(db_app, name="db")
     app.add_typer(keys_app, name="keys")
     app.add_typer(audit_app, name="audit")

@@ -81,6 +81,8 @@ class CliState:
     """Per-invocation state: settings are read once, the runtime built on first use."""
 
     actor: str | None = None
+    #: Build the runtime without the production start-up check (``doctor`` reports instead).
+    preflight: bool | None = None
     _settings: Settings | None = None
     _runtime: Runtime | None = field(default=None, repr=False)
 
@@ -93,7 +95,7 @@ class CliState:
     @property
     def runtime(self) -> Runtime:
         if self._runtime is None:
-            self._runtime = build_runtime(self.settings)
+            self._runtime = build_runtime(self.settings, preflight=self.preflight)
         return self._runtime
 
     def close(self) -> None:

@@ -42,6 +42,16 @@ Relogin = Callable[[hvac.Client], None]
 _T = TypeVar("_T")
 
 
+@dataclass(frozen=True, slots=True)
+class VaultServerStatus:
+    """What ``sys/seal-status`` says: nothing secret. ``storage_type`` is ``inmem`` for a dev
+    server, whose keys are gone when it stops."""
+
+    sealed: bool
+    storage_type: str | None
+    version: str
+
+
 @dataclass(frozen=True, eq=False)
 class KVSecret:
     """One version of a KV v2 secret. ``repr()`` never shows the data; pickling is refused."""
@@ -168,6 +178,22 @@ class VaultKV:
             raise VaultError(f"{where}: response has no version number")
         return version
 
+    def server_status(self) -> VaultServerStatus:
+        """Seal state and storage backend (``sys/seal-status``, unauthenticated).
+
+        Raises :class:`VaultUnavailableError` when Vault cannot be reached, :class:`VaultError`.
+        """
+        with translate_vault_errors("status read", mount="sys"):
+            body = self._client.sys.read_seal_status()
+        if not isinstance(body, dict):
+            raise VaultError("status read: unexpected response")
+        storage = body.get("storage_type")
+        return VaultServerStatus(
+            sealed=bool(body.get("sealed")),
+            storage_type=storage if isinstance(storage, str) else None,
+            version=str(body.get("version") or "?"),
+        )
+
     def _call(
         self, operation: str, call: Callable[[], _T], *, mount: str, version: int | None = None
     ) -> _T:
@@ -288,6 +314,7 @@ __all__ = [
     "KVSecret",
     "Relogin",
     "VaultKV",
+    "VaultServerStatus",
     "approle_relogin",
     "build_vault_client",
 ]
