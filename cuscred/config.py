@@ -162,6 +162,10 @@ class Settings(BaseSettings):
                 )
         if self.env is Environment.PRODUCTION and self.kek_source is KekSourceKind.LOCAL:
             raise ValueError("production refuses the local keyring: set CUSCRED_KEK_SOURCE=vault")
+        if self.env is Environment.PRODUCTION and "vault_addr" not in self.model_fields_set:
+            # The default (a Vault on localhost) is a development convenience; production must
+            # say where its KEK lives.
+            raise ValueError("production needs CUSCRED_VAULT_ADDR set explicitly")
         return self
 
     @property

@@ -9,10 +9,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from cuscred.config import KdfName
 from cuscred.crypto import aead
-from cuscred.crypto.header import HEADER_LEN, MIN_LEN, NONCE_LEN, parse_unverified
+from cuscred.crypto.header import HEADER_LEN, MIN_LEN, NONCE_LEN, pack_header, parse_unverified
 from cuscred.crypto.kdf import KdfParams, derive_tenant_key
 from cuscred.crypto.keys import Kek, TenantKey
 from cuscred.errors import CuscredTypeError, DecryptionError, InvalidInputError
@@ -186,3 +188,56 @@ def test_key_handles_redact_and_refuse_pickling() -> None:
             pickle.dumps(obj)
         with pytest.raises(TypeError):
             copy.copy(obj)
+
+
+# --- property tests: the header parser and decrypt never fail any other way ------------------
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.binary(max_size=200))
+def test_any_bytes_parse_to_fields_that_rebuild_them_or_raise_decryption_error(
+    blob: bytes,
+) -> None:
+    well_formed = (len(blob) >= MIN_LEN and blob[0] == 0x01
+                   and blob[1:5] != bytes(4) and blob[5:9] != bytes(4))
+    if not well_formed:
+        with pytest.raises(DecryptionError, match=r"^credential could not be decrypted$"):
+            parse_unverified(blob)
+        return
+    parsed = parse_unverified(blob)
+    assert parsed.header == pack_header(parsed.kek_version, parsed.key_generation)
+    assert parsed.header + parsed.nonce + parsed.sealed == blob
+    assert len(parsed.nonce) == NONCE_LEN
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    kek_version=st.integers(1, 2**32 - 1), generation=st.integers(1, 2**32 - 1),
+    body=st.binary(min_size=MIN_LEN - HEADER_LEN, max_size=120),
+)
+def test_well_formed_headers_round_trip(kek_version: int, generation: int, body: bytes) -> None:
+    blob = pack_header(kek_version, generation) + body
+    parsed = parse_unverified(blob)
+    assert (parsed.kek_version, parsed.key_generation) == (kek_version, generation)
+    assert parsed.header + parsed.nonce + parsed.sealed == blob
+
+
+_FUZZ_KEY = _key_for(VECTORS[1])
+_FUZZ_BLOB = aead.encrypt(_FUZZ_KEY, b"sk-ant-secret", credential_id="cred_x", context={})
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.binary(max_size=120)
+    | st.builds(  # near misses: the real blob with a few bytes overwritten, cut or extended
+        lambda at, junk, cut: (_FUZZ_BLOB[:at] + junk + _FUZZ_BLOB[at + len(junk):])[:cut],
+        st.integers(0, len(_FUZZ_BLOB)), st.binary(min_size=1, max_size=4),
+        st.integers(0, len(_FUZZ_BLOB) + 4),
+    )
+)
+def test_decrypt_of_anything_but_the_real_blob_raises_only_decryption_error(blob: bytes) -> None:
+    if blob == _FUZZ_BLOB:
+        assert aead.decrypt(_FUZZ_KEY, blob, credential_id="cred_x", context={}) == b"sk-ant-secret"
+        return
+    with pytest.raises(DecryptionError):
+        aead.decrypt(_FUZZ_KEY, blob, credential_id="cred_x", context={})

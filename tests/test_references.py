@@ -40,7 +40,8 @@ def settings() -> Settings:
 
 @pytest.fixture
 def production() -> Settings:
-    return Settings(env="production", kek_source="vault", vault_token="t")
+    return Settings(env="production", kek_source="vault", vault_token="t",
+                    vault_addr="https://vault.internal:8200")
 
 
 # --- parsing valid references ---------------------------------------------------------------
