@@ -133,8 +133,11 @@ class AppRole:
     secret_id: str
 
 
-def make_approle(client: hvac.Client, kv_mount: str, *, token_ttl: str = "10m") -> AppRole:
-    """A new AppRole auth mount whose role ``worker`` may read ``kv_mount/data/allowed/*``."""
+def make_approle(
+    client: hvac.Client, kv_mount: str, *, token_ttl: str = "10m", token_max_ttl: str | None = None
+) -> AppRole:
+    """A new AppRole auth mount whose role ``worker`` may read ``kv_mount/data/allowed/*``
+    (tokens live ``token_ttl``, renewable up to ``token_max_ttl``, default the same)."""
     mount = f"approle-{uuid.uuid4().hex[:8]}"
     client.sys.enable_auth_method("approle", path=mount)
     policy = f"kv-reader-{mount}"
@@ -142,7 +145,8 @@ def make_approle(client: hvac.Client, kv_mount: str, *, token_ttl: str = "10m") 
         policy, f'path "{kv_mount}/data/allowed/*" {{ capabilities = ["read"] }}'
     )
     client.auth.approle.create_or_update_approle(
-        "worker", token_policies=[policy], token_ttl=token_ttl, token_max_ttl=token_ttl,
+        "worker", token_policies=[policy], token_ttl=token_ttl,
+        token_max_ttl=token_max_ttl or token_ttl,
         mount_point=mount,
     )  # fmt: skip
     role_id = client.auth.approle.read_role_id("worker", mount_point=mount)["data"]["role_id"]

@@ -13,7 +13,6 @@ Policies the Vault identity needs on a KV v2 mount ``M`` and path ``P``: ``read`
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, NoReturn, TypeVar
@@ -35,9 +34,7 @@ from cuscred.vault.errors import (
     missing_version_error,
     translate_vault_errors,
 )
-
-#: Called with the client after a 403 to authenticate it again (AppRole); see :class:`VaultKV`.
-Relogin = Callable[[hvac.Client], None]
+from cuscred.vault.token import Relogin, TokenKeeper
 
 _T = TypeVar("_T")
 
@@ -86,13 +83,14 @@ class VaultKV:
 
     With ``relogin`` set (AppRole), a request refused with 403/401 triggers exactly one new
     login and one retry: the token may have expired or been revoked. A second refusal raises
-    :class:`PermissionDeniedError`. Token renewal is not handled here.
+    :class:`PermissionDeniedError`. Before each request a :class:`TokenKeeper` renews the
+    token, or logs in again when renewal can no longer extend it (max TTL).
     """
 
     def __init__(self, client: hvac.Client, *, relogin: Relogin | None = None) -> None:
         self._client = client
         self._relogin = relogin
-        self._login_lock = threading.Lock()
+        self._token = TokenKeeper(client, relogin)
 
     def __repr__(self) -> str:
         return f"<VaultKV relogin={self._relogin is not None}>"
@@ -197,14 +195,14 @@ class VaultKV:
     def _call(
         self, operation: str, call: Callable[[], _T], *, mount: str, version: int | None = None
     ) -> _T:
+        self._token.before_request()  # renew, or log in again, before the token runs out
         if self._relogin is not None:
             try:
                 with translate_vault_errors(operation, mount=mount, version=version):
                     return call()
             except PermissionDeniedError:
-                pass  # the token may have expired or been revoked: log in once, retry once
-            with self._login_lock:
-                self._relogin(self._client)
+                pass  # the token may have been revoked: log in once, retry once
+            self._token.relogin()
         # Outside the except block, so a second refusal is not chained to the first one.
         with translate_vault_errors(operation, mount=mount, version=version):
             return call()
