@@ -27,6 +27,8 @@ MAX_CONTEXT_VALUE_LENGTH = 256
 # Tenant ids end up in KDF info strings, Vault path prefixes and log lines: keep them boring.
 _TENANT_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
 _CONTEXT_KEY = re.compile(r"[a-z0-9][a-z0-9_.-]{0,63}")
+_TENANT_FIRST, _TENANT_REST = re.compile(r"[A-Za-z0-9]"), re.compile(r"[A-Za-z0-9_-]")
+_CONTEXT_FIRST, _CONTEXT_REST = re.compile(r"[a-z0-9]"), re.compile(r"[a-z0-9_.-]")
 # Control characters: C0, DEL and C1 (Unicode category Cc).
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 # The same minus JSON's insignificant whitespace (tab, LF, CR), allowed between JSON tokens.
@@ -51,12 +53,12 @@ def validate_tenant_id(value: object) -> str:
         raise InvalidTenantError("tenant id is empty")
     if len(tenant_id) > MAX_TENANT_ID_LENGTH:
         raise InvalidTenantError(
-            f"tenant id {_shown(tenant_id)} is longer than {MAX_TENANT_ID_LENGTH} characters"
+            f"tenant id is {len(tenant_id)} characters, longer than {MAX_TENANT_ID_LENGTH}"
         )
     if not _TENANT_ID.fullmatch(tenant_id):
         raise InvalidTenantError(
-            f"tenant id {_shown(tenant_id)} must start with an ASCII letter or digit and contain "
-            "only ASCII letters, digits, '_' and '-'"
+            f"tenant id {_first_bad(tenant_id, _TENANT_FIRST, _TENANT_REST)}: it must start "
+            "with an ASCII letter or digit and contain only ASCII letters, digits, '_' and '-'"
         )
     return tenant_id
 
@@ -159,8 +161,10 @@ def _context_key(key: object) -> str:
         raise InvalidContextError(f"context keys must be strings, got {type(key).__name__}")
     name = str.__str__(key)
     if not _CONTEXT_KEY.fullmatch(name):
+        what = (f"is {len(name)} characters" if not name or len(name) > 64
+                else _first_bad(name, _CONTEXT_FIRST, _CONTEXT_REST))
         raise InvalidContextError(
-            f"context key {_shown(name)} must be 1-64 characters of a-z, 0-9, '_', '.', '-', "
+            f"context key {what}: it must be 1-64 characters of a-z, 0-9, '_', '.', '-', "
             "starting with a letter or digit"
         )
     return name
@@ -202,10 +206,14 @@ def _encodable(text: str) -> bool:
     return True
 
 
-def _shown(value: str, limit: int = 40) -> str:
-    """A non-secret value for a message: escaped by ascii(), truncated to ``limit`` chars."""
-    text = ascii(value[:limit])
-    return text + "..." if len(value) > limit else text
+def _first_bad(value: str, first: re.Pattern[str], rest: re.Pattern[str]) -> str:
+    """Where ``value`` goes wrong, without repeating it: an invalid tenant id or context key is
+    as likely to be a secret passed in the wrong argument as a typo, so messages name the
+    position and code point of the first character not allowed, never the text."""
+    for position, char in enumerate(value, start=1):
+        if not (first if position == 1 else rest).fullmatch(char):
+            return f"has a character not allowed at position {position} (U+{ord(char):04X})"
+    return f"is {len(value)} characters"
 
 
 __all__ = [

@@ -55,6 +55,8 @@ from cuscred.jobs.celery_runner import CeleryRunner
 from cuscred.jobs.control import JobControl
 from cuscred.jobs.finalize import FINAL
 from cuscred.kek.local import LocalKeyring
+from cuscred.masking import PUBLIC_JSON_FIELDS
+from cuscred.providers import parse_json_object
 from cuscred.services.sealing import context_from_json, open_row
 
 if TYPE_CHECKING:
@@ -518,12 +520,22 @@ def assert_no_secrets(
             pytest.fail(f"KEK material in {name}")  # (not an assert: it would print the key)
         pieces.update(body[i:i + window] for i in range(len(body) - window + 1))
     public = _public_pieces(window)
-    for plaintext in plaintexts:
+    for plaintext in (part for p in plaintexts for part in secret_parts(p)):
         for i in range(max(1, len(plaintext) - window + 1)):
             piece = plaintext[i:i + window]
             if piece in pieces and piece not in public and not _STRUCTURE.search(piece):
                 where = [name for name, body in texts.items() if piece in body]
                 pytest.fail(f"{window} characters of a secret in {', '.join(where)}")
+
+
+def secret_parts(plaintext: str) -> list[str]:
+    """What of a plaintext is secret: all of a key; of a JSON credential (a service-account
+    file) the values of its non-identifying fields, since its ``project_id`` or
+    ``client_email`` is shown in masks by design (:data:`cuscred.masking.PUBLIC_JSON_FIELDS`)."""
+    doc = parse_json_object(plaintext)
+    if doc is None:
+        return [plaintext]
+    return [str(v) for k, v in doc.items() if k not in PUBLIC_JSON_FIELDS]
 
 
 _STRUCTURE = re.compile(r"[\s\"']")
