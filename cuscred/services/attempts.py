@@ -21,6 +21,8 @@ from cuscred.errors import (
     CuscredError,
     EnvReferenceDisabledError,
     InvalidInputError,
+    InvalidTenantError,
+    MalformedReferenceError,
     PermissionDeniedError,
     ScopeError,
     StorageError,
@@ -28,7 +30,14 @@ from cuscred.errors import (
 from cuscred.references import EncryptedRef, Reference, parse_reference
 from cuscred.services.audit import AuditLog, AuditRecord, Outcome, fingerprint_reference
 
-_DENIALS = (ScopeError, PermissionDeniedError, EnvReferenceDisabledError)
+#: Refusals recorded as ``denied``: policy said no, or the caller named a tenant or reference
+#: the service will not act on at all. Traversal (``..``, encodings, look-alikes) and a
+#: mangled tenant id are refused as malformed before any lookup; a reviewer searching the
+#: trail for denied attempts must find them there, with the reason code saying which.
+_DENIALS = (
+    ScopeError, PermissionDeniedError, EnvReferenceDisabledError, MalformedReferenceError,
+    InvalidTenantError,
+)
 _SAFE_TENANT = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
 _SAFE_ACTOR = re.compile(r"[ -~]{1,128}")  # printable ASCII: it is written to the audit trail
 
