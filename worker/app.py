@@ -21,6 +21,7 @@ from typing import Any, NoReturn
 
 from celery import Celery
 from celery.signals import beat_init, worker_init, worker_process_init
+from sqlalchemy.exc import SQLAlchemyError
 
 from cuscred.errors import ConfigurationError, CuscredError
 from worker import runtime as process_runtime
@@ -53,11 +54,17 @@ def _or_refuse() -> Iterator[None]:
     except CuscredError as exc:
         if not exc.retryable:
             raise
-        # Vault or the database is down: nothing to work with yet. Exit so the supervisor
-        # restarts the process later, rather than serve tasks that would all fail.
-        stream = sys.__stderr__ or sys.stderr
-        print(f"cuscred: cannot start: {exc}", file=stream, flush=True)
-        raise SystemExit(EXIT_UNAVAILABLE) from None
+        _unavailable(str(exc))
+    except SQLAlchemyError as exc:
+        _unavailable(f"database unavailable ({type(exc).__name__})")
+
+
+def _unavailable(why: str) -> NoReturn:
+    # Vault or the database is down: nothing to work with yet. Exit so the supervisor restarts
+    # the process later, rather than serve tasks that would all fail.
+    stream = sys.__stderr__ or sys.stderr
+    print(f"cuscred: cannot start: {why}", file=stream, flush=True)
+    raise SystemExit(EXIT_UNAVAILABLE)
 
 
 @app.on_configure.connect
