@@ -167,3 +167,14 @@ def test_database_down_is_exit_69(tmp_path: Path) -> None:
                  ["keys", "status"], ["audit", "verify"]):
         code, _, err = run(env, *args)
         assert code == 69, (args, err)
+
+
+def test_the_cli_redacts_key_shapes_that_a_library_might_log(tmp_path: Path) -> None:
+    """The redaction filter is installed on the CLI's log handler (second line of defence)."""
+    script = (
+        "import logging; from cuscred.cli.common import quiet_logging; quiet_logging(); "
+        f"logging.getLogger('thirdparty').warning('sending %s', {SECRET!r})"
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                            check=True, cwd=tmp_path)
+    assert "sending [REDACTED]" in result.stderr and SECRET[8:20] not in result.stderr

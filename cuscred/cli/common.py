@@ -36,6 +36,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from cuscred import errors
 from cuscred.config import Settings
 from cuscred.factory import Runtime, build_runtime
+from cuscred.logging_redaction import RedactingFilter
 
 EXIT_INTERNAL = 1
 EXIT_NOT_FOUND = 3
@@ -166,8 +167,13 @@ def print_json(data: Any) -> None:
 
 
 def quiet_logging() -> None:
+    """Warnings and errors to stderr, through the redaction filter (a second line of defence:
+    nothing of ours logs a secret, but a third-party library might)."""
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr,
                         format="%(levelname)s %(name)s: %(message)s")
+    for handler in logging.getLogger().handlers:
+        if not any(isinstance(f, RedactingFilter) for f in handler.filters):
+            handler.addFilter(RedactingFilter())
 
 
 __all__ = [
