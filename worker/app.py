@@ -21,9 +21,8 @@ from typing import Any, NoReturn
 
 from celery import Celery
 from celery.signals import beat_init, worker_init, worker_process_init
-from sqlalchemy.exc import SQLAlchemyError
 
-from cuscred.errors import ConfigurationError, CuscredError
+from cuscred.errors import ConfigurationError
 from worker import runtime as process_runtime
 from worker.config import TASK_CHECK_ROTATION_DUE, celery_config, check_visibility_timeout
 from worker.logging import install_logging
@@ -31,8 +30,6 @@ from worker.logging import install_logging
 log = logging.getLogger("cuscred.beat")
 #: Exit status of a process refused for its configuration (``EX_CONFIG`` in sysexits.h).
 EXIT_CONFIG = 78
-#: Exit status when a service it needs is down at start-up (``EX_UNAVAILABLE``).
-EXIT_UNAVAILABLE = 69
 
 app = Celery("cuscred", include=["tasks.rotation"])
 
@@ -51,20 +48,6 @@ def _or_refuse() -> Iterator[None]:
         yield
     except ConfigurationError as exc:
         refuse_to_start(exc)
-    except CuscredError as exc:
-        if not exc.retryable:
-            raise
-        _unavailable(str(exc))
-    except SQLAlchemyError as exc:
-        _unavailable(f"database unavailable ({type(exc).__name__})")
-
-
-def _unavailable(why: str) -> NoReturn:
-    # Vault or the database is down: nothing to work with yet. Exit so the supervisor restarts
-    # the process later, rather than serve tasks that would all fail.
-    stream = sys.__stderr__ or sys.stderr
-    print(f"cuscred: cannot start: {why}", file=stream, flush=True)
-    raise SystemExit(EXIT_UNAVAILABLE)
 
 
 @app.on_configure.connect
@@ -80,7 +63,8 @@ def _start_checks() -> None:
     install_logging(settings)
     with _or_refuse():
         # Rows on a KEK version that cannot be loaded: say so now, once, naming the version,
-        # instead of failing every chunk that meets them.
+        # instead of failing every chunk that meets them. (Vault or the database down is no
+        # verdict: logged, and the tasks retry with backoff until it is back.)
         process_runtime.runtime().preflight()
 
 

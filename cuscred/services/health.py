@@ -9,6 +9,7 @@ at 3 a.m. instead of once, at start-up, with one line naming the version.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -23,6 +24,8 @@ from cuscred.services.audit_verify import verify_chain
 
 if TYPE_CHECKING:
     from cuscred.factory import Runtime
+
+log = logging.getLogger("cuscred.health")
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,10 +88,21 @@ def kek_version_problems(runtime: Runtime) -> list[str]:
 def preflight(runtime: Runtime) -> None:
     """Fail fast, with one line, when a KEK version rows still use cannot be loaded.
 
-    Raises :class:`ConfigurationError`; an outage (Vault, database) raises its own retryable
-    error.
+    Raises :class:`ConfigurationError`. An outage (Vault or the database unreachable) is not a
+    verdict on the keys: it is logged and the process starts; its work retries with backoff
+    until the service is back, and ``cuscred doctor`` reports the check as failed meanwhile.
     """
-    problems = kek_version_problems(runtime)
+    try:
+        problems = kek_version_problems(runtime)
+    except CuscredError as exc:
+        if not exc.retryable:
+            raise
+        log.warning("KEK versions not checked at start-up: %s (will retry on use)", exc.code)
+        return
+    except SQLAlchemyError as exc:
+        log.warning("KEK versions not checked at start-up: database %s (will retry on use)",
+                    type(exc).__name__)
+        return
     if problems:
         raise ConfigurationError("; ".join(problems))
 
