@@ -34,17 +34,21 @@ from cuscred.errors import ConfigurationError, KekUnavailableError
 from cuscred.factory import Runtime, build_runtime
 from cuscred.kek.local import LocalKeyring
 from tests.conftest import Database
-from tests.test_worker_faults import SHORT_LEASE, SLOW_FIRST_CHUNK, _planned, _rows_on
+from tests.test_worker_faults import (
+    SHORT_LEASE,
+    SLOW_FIRST_CHUNK,
+    _assert_job_exact,
+    _planned,
+    _rows_on,
+)
 from tests.vault_fixtures import vault_settings
 from tests.vault_server import OpenBaoServer
 from tests.worker_fixtures import (
     BASE_ENV,
     Stack,
     assert_no_secrets,
-    assert_rows_readable,
     free_port,
     kek_materials,
-    reencrypt_events,
     seed,
     wait_for,
 )
@@ -256,12 +260,7 @@ def test_postgresql_restarted_mid_job(
     private_postgres.start()
     runtime.engine.dispose()  # the test's own pool held connections to the old server
 
-    job = stack.wait_job(job_id, timeout=120, sweep_every=1.0)
-    n = len(data)
-    assert (job.status, job.total, job.done, job.skipped, job.failed) == (
-        "completed", n, n, 0, 0), stack.chunks(job_id)
-    events = reencrypt_events(runtime, job_id)
-    assert set(events) == set(data.rows) and set(events.values()) == {1}
-    assert_rows_readable(runtime, data, kek_version=job.target_kek_version)
+    stack.wait_job(job_id, timeout=120, sweep_every=1.0)
+    _assert_job_exact(stack, runtime, job_id, data)
     assert_no_secrets(stack.logs(), data.plaintexts, kek_materials(runtime, [1, 2]))
 
