@@ -37,6 +37,11 @@ class VaultAuthMethod(StrEnum):
     APPROLE = "approle"
 
 
+class LogFormat(StrEnum):
+    TEXT = "text"
+    JSON = "json"
+
+
 class KdfName(StrEnum):
     HKDF_SHA256 = "hkdf-sha256"
     PBKDF2_SHA256 = "pbkdf2-sha256"
@@ -120,6 +125,14 @@ class Settings(BaseSettings):
     kek_max_age_days: float = Field(default=90.0, ge=0)
     #: Retire the old KEK version when a rotation ends with a zero census for it.
     auto_retire: bool = False
+
+    # --- operator visibility ---
+    #: Port on which the worker serves Prometheus metrics (unset: none served).
+    metrics_port: int | None = Field(default=None, ge=1, le=65535)
+    #: Address the metrics port binds to (the metrics hold no secret; 0.0.0.0 in a container).
+    metrics_addr: str = "127.0.0.1"
+    #: Worker and beat log lines: ``text``, or ``json`` (one object per line, with fields).
+    log_format: LogFormat = LogFormat.TEXT
 
     @field_validator("vault_tenant_prefix")
     @classmethod

@@ -102,7 +102,10 @@ def reencrypt_chunk(self: Task, job_id: int, chunk_no: int) -> dict[str, Any]:
     result: dict[str, Any] = outcome.as_dict()
     log.info("chunk job=%d chunk=%d status=%s rows=%d done=%d skipped=%d failed=%d "
              "duration_ms=%d", job_id, chunk_no, outcome.status, outcome.total, outcome.done,
-             outcome.skipped, outcome.failed, outcome.duration_ms)
+             outcome.skipped, outcome.failed, outcome.duration_ms,
+             extra={"job": job_id, "chunk": chunk_no, "status": outcome.status,
+                    "rows": outcome.total, "done": outcome.done, "skipped": outcome.skipped,
+                    "failed": outcome.failed, "duration_ms": outcome.duration_ms})
     return result
 
 

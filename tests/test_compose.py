@@ -99,8 +99,12 @@ def test_app_services_get_valid_production_settings(compose: dict[str, Any], nam
     assert database_url.startswith("postgresql://") and "@postgres:5432/" in database_url
     assert _plain(settings.broker_url) == "redis://redis:6379/0"
     check_visibility_timeout(settings)  # the worker would refuse to start otherwise
-    # The same settings everywhere: a worker and the beat that feeds it must agree.
-    assert settings == _settings_of(compose["services"]["worker"])
+    # The same settings everywhere (a worker and the beat that feeds it must agree), except
+    # the metrics endpoint, which only the worker serves.
+    worker_only = {"metrics_port", "metrics_addr"}
+    worker = _settings_of(compose["services"]["worker"])
+    assert settings.model_dump(exclude=worker_only) == worker.model_dump(exclude=worker_only)
+    assert worker.metrics_port == 9808 and worker.metrics_addr == "0.0.0.0"
 
 
 def test_openbao_dev_mode_token_is_the_one_the_apps_use(compose: dict[str, Any]) -> None:

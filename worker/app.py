@@ -14,15 +14,22 @@ A bad configuration stops the process with one line on stderr and exit status 78
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any, NoReturn
 
 from celery import Celery
-from celery.signals import beat_init, worker_init, worker_process_init
+from celery.signals import (
+    beat_init,
+    worker_init,
+    worker_process_init,
+    worker_process_shutdown,
+)
 
 from cuscred.errors import ConfigurationError
+from worker import metrics as worker_metrics
 from worker import runtime as process_runtime
 from worker.config import TASK_CHECK_ROTATION_DUE, celery_config, check_visibility_timeout
 from worker.logging import install_logging
@@ -71,6 +78,12 @@ def _start_checks() -> None:
 @worker_init.connect
 def _check_worker(**_: Any) -> None:
     _start_checks()
+    worker_metrics.serve(process_runtime.runtime())
+
+
+@worker_process_shutdown.connect
+def _pool_process_exited(pid: int | None = None, **_: Any) -> None:
+    worker_metrics.process_exited(pid or os.getpid())
 
 
 @beat_init.connect

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Annotated
 
@@ -26,6 +27,7 @@ from cuscred.config import KekSourceKind
 from cuscred.db.migrate import current_and_head, upgrade_to_head
 from cuscred.db.models import KeyState
 from cuscred.kek.local import LocalKeyring
+from cuscred.metrics import render, write_textfile
 from cuscred.services.audit_verify import verify_chain
 from cuscred.services.health import run_checks
 
@@ -202,6 +204,24 @@ def doctor(ctx: typer.Context, json: Json = False) -> None:
         raise typer.Exit(EXIT_VERIFY)
 
 
+def metrics(
+    ctx: typer.Context,
+    output: Annotated[Path | None, typer.Option(
+        help="Write to FILE atomically (node_exporter's textfile collector) instead of stdout.",
+    )] = None,
+) -> None:
+    """Prometheus metrics of the stored state: credentials per KEK version and tenant key
+    generation, KEK states and age, progress of unfinished jobs (no decryption)."""
+    runtime = state(ctx).runtime
+    with handled():
+        if output is not None:
+            write_textfile(runtime.engine, output)
+            err_console.print(f"wrote {output}")
+            return
+        text = render(runtime.engine, with_process=False)
+    sys.stdout.write(text.decode())
+
+
 def _parse_head(text: str) -> tuple[int, str]:
     seq, sep, mac = text.partition(":")
     if not sep or not seq.isdigit() or not mac:
@@ -212,6 +232,7 @@ def _parse_head(text: str) -> tuple[int, str]:
 def register(app: typer.Typer) -> None:
     app.command()(keygen)
     app.command()(doctor)
+    app.command()(metrics)
     app.add_typer(db_app, name="db")
     app.add_typer(keys_app, name="keys")
     app.add_typer(audit_app, name="audit")

@@ -35,6 +35,7 @@ from typing import Any
 from sqlalchemy import Connection, Engine, insert, select, update
 from sqlalchemy.exc import OperationalError, SQLAlchemyError
 
+from cuscred import metrics
 from cuscred.config import Settings
 from cuscred.db.models import (
     ROTATION_CHUNKS,
@@ -108,10 +109,13 @@ class ChunkProcessor:
         started = time.monotonic()
         try:
             self._prefetch_keks(*keks_needed)
-            return self._work(job_id, chunk_no, token, started)
+            outcome = self._work(job_id, chunk_no, token, started)
         except BaseException as exc:
             self._release(job_id, chunk_no, token, exc)
+            metrics.CHUNK_SECONDS.labels("error").observe(time.monotonic() - started)
             raise
+        metrics.CHUNK_SECONDS.labels(outcome.status).observe(time.monotonic() - started)
+        return outcome
 
     # --- claim / release ----------------------------------------------------------------------
 
@@ -222,6 +226,8 @@ class ChunkProcessor:
                        duration_ms=duration_ms, last_error=_failure_summary(failures))
             by_pk = {r.pk: r for r in rows}
             self._audit.append(conn, self._events(job_id, by_pk, written, failures))
+        for _, why in failures:  # counted once committed: a rolled-back attempt will run again
+            metrics.DECRYPT_FAILURES.labels(metrics.failure_reason(why)).inc()
         return outcome
 
     def _reseal(

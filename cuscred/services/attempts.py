@@ -17,11 +17,14 @@ from dataclasses import dataclass, field
 from sqlalchemy import Engine
 from sqlalchemy.exc import SQLAlchemyError
 
+from cuscred import metrics
 from cuscred.errors import (
     CuscredError,
+    DecryptionError,
     EnvReferenceDisabledError,
     InvalidInputError,
     InvalidTenantError,
+    KekUnavailableError,
     MalformedReferenceError,
     PermissionDeniedError,
     ScopeError,
@@ -108,6 +111,8 @@ class AttemptRecorder:
             self._record_failure(attempt, error)
             raise error from exc
         except CuscredError as exc:
+            if isinstance(exc, DecryptionError | KekUnavailableError):
+                metrics.DECRYPT_FAILURES.labels(exc.code).inc()
             self._record_failure(attempt, exc)
             raise
         except Exception:

@@ -32,6 +32,7 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from sqlalchemy import BigInteger, Connection, Select, func, insert, literal, select, text
 from sqlalchemy.exc import SQLAlchemyError
 
+from cuscred import metrics
 from cuscred.crypto.keys import Kek
 from cuscred.db.models import AUDIT_EVENTS, utcnow
 from cuscred.db.raw import Executor, RawConnection
@@ -258,8 +259,10 @@ class AuditLog:
                 rows.append(row)
             _insert(conn, rows, ts)
         except CuscredError as exc:
+            metrics.AUDIT_WRITE_FAILURES.inc()
             raise AuditWriteError(f"audit event not written: {exc.code}") from exc
         except SQLAlchemyError as exc:
+            metrics.AUDIT_WRITE_FAILURES.inc()
             raise AuditWriteError("audit event not written: database error") from exc
 
     @staticmethod

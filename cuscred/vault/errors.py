@@ -27,6 +27,7 @@ Only the HTTP method and Vault's own ``errors`` strings (with the request path c
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from urllib.parse import unquote, urlsplit
@@ -34,6 +35,7 @@ from urllib.parse import unquote, urlsplit
 import requests
 from hvac import exceptions as hvac_exc
 
+from cuscred import metrics
 from cuscred.errors import (
     ConcurrentUpdateError,
     CredentialNotFoundError,
@@ -83,16 +85,22 @@ def translate_vault_errors(
     original. Exceptions that are not from hvac or requests pass through unchanged.
     """
     where = describe_operation(operation, mount, version)
+    started = time.perf_counter()
     try:
         yield
     except hvac_exc.VaultError as e:
         error = _from_hvac(e, where, login=login)
         _scrub_hvac(e)
+        metrics.VAULT_ERRORS.labels(operation, error.code).inc()
         raise error from e
     except requests.RequestException as e:
         error = _from_requests(e, where)
         _scrub_requests(e)
+        metrics.VAULT_ERRORS.labels(operation, error.code).inc()
         raise error from e
+    finally:
+        # ``operation`` is one of a fixed set of names ("read", "write", "token renewal"...).
+        metrics.VAULT_SECONDS.labels(operation).observe(time.perf_counter() - started)
 
 
 def missing_version_error(
