@@ -178,3 +178,8 @@ def test_the_cli_redacts_key_shapes_that_a_library_might_log(tmp_path: Path) -> 
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
                             check=True, cwd=tmp_path)
     assert "sending [REDACTED]" in result.stderr and SECRET[8:20] not in result.stderr
+
+
+def test_mask_json(cli_env: dict[str, str]) -> None:
+    code, out, _ = run(cli_env, "mask", "--json", stdin=SECRET + "\n")
+    assert code == 0 and json.loads(out) == {"masked": "sk-proj-…Lm0p"}

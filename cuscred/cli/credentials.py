@@ -154,6 +154,7 @@ def mask(
     reference: Annotated[
         str | None, typer.Argument(help="A reference; secrets are read from stdin.")
     ] = None,
+    json: Json = False,
 ) -> None:
     """Print the masked form of a reference (argument) or of a secret (stdin)."""
     st = state(ctx)
@@ -170,7 +171,11 @@ def mask(
     from cuscred.masking import mask_credential
 
     with handled():
-        out_console.print(mask_credential(value, env_prefix=st.settings.env_ref_prefix))
+        masked = mask_credential(value, env_prefix=st.settings.env_ref_prefix)
+    if json:
+        print_json({"masked": masked})
+    else:
+        out_console.print(masked, markup=False)
 
 
 def _ts(value: object) -> str:
