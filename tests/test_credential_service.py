@@ -24,6 +24,7 @@ from cuscred.errors import (
 )
 from cuscred.factory import Runtime
 from cuscred.services.credentials import CredentialService
+from cuscred.services.sealing import TaskKeys
 
 OPENAI = "sk-proj-" + "Ab3xQ9rT" * 20 + "Zz91"
 
@@ -278,11 +279,14 @@ def test_nothing_secret_in_logs_reprs_or_pickles(
         service.resolve_credential("tenant-b", ref)
     kek = runtime.keys.kek(1)
     key_hex = kek.material().hex()
-    objects = [service, runtime, runtime.keys, runtime.audit.keys, kek,
+    task_keys = TaskKeys(runtime.keys)  # a chunk's per-task key memo, holding one key
+    with runtime.engine.connect() as conn:
+        task_keys.tenant_key(conn, "tenant-a", 1, 1)
+    objects = [service, runtime, runtime.keys, runtime.audit.keys, kek, task_keys,
                service.describe_credential("tenant-a", ref)]
     for obj in objects:
         assert OPENAI[8:20] not in repr(obj) and key_hex not in repr(obj)
-    for holder in (runtime.keys, kek, runtime.audit.keys):
+    for holder in (runtime.keys, kek, runtime.audit.keys, task_keys):
         with pytest.raises(TypeError):
             pickle.dumps(holder)
     assert OPENAI[8:20] not in caplog.text

@@ -51,7 +51,7 @@ from cuscred.jobs.bulk import Reseal, write_resealed
 from cuscred.jobs.scope import stale_rows
 from cuscred.services.audit import AuditLog, AuditRecord, Outcome
 from cuscred.services.keys import KeyManager
-from cuscred.services.sealing import context_from_json, open_row, seal_with
+from cuscred.services.sealing import TaskKeys, context_from_json, open_row, seal_with
 
 _J = ROTATION_JOBS
 _CH = ROTATION_CHUNKS
@@ -235,11 +235,15 @@ class ChunkProcessor:
     ) -> tuple[list[Reseal], list[tuple[str, str]]]:
         resealed: list[Reseal] = []
         failures: list[tuple[str, str]] = []
+        keys = TaskKeys(self._keys)  # each tenant key looked up once per task
+        contexts: dict[str, dict[str, str]] = {}  # a chunk's rows share a few context texts
         for row in rows:
             try:
-                context = context_from_json(row.context_json)
+                context = contexts.get(row.context_json)
+                if context is None:
+                    context = contexts[row.context_json] = context_from_json(row.context_json)
                 plaintext = open_row(
-                    self._keys, conn, tenant_id=row.tenant_id, credential_id=row.credential_id,
+                    keys, conn, tenant_id=row.tenant_id, credential_id=row.credential_id,
                     ciphertext=row.ciphertext, kek_version=row.kek_version,
                     key_generation=row.key_generation, context=context,
                 )
@@ -249,7 +253,7 @@ class ChunkProcessor:
             except KekUnavailableError:
                 failures.append((row.credential_id, f"kek_v{row.kek_version}_unavailable"))
                 continue
-            key = self._keys.tenant_key(conn, row.tenant_id, row.active_generation, target_kek)
+            key = keys.tenant_key(conn, row.tenant_id, row.active_generation, target_kek)
             sealed = seal_with(key, plaintext, credential_id=row.credential_id, context=context)
             resealed.append(Reseal(
                 pk=row.pk, row_version=row.row_version, old_kek_version=row.kek_version,

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Protocol
 
 from cuscred.crypto import aead
 from cuscred.crypto.header import parse_unverified
@@ -29,6 +30,56 @@ class Sealed:
             f"<Sealed kek_version={self.kek_version} key_generation={self.key_generation} "
             f"bytes={len(self.ciphertext)}>"
         )
+
+
+class RowKeys(Protocol):
+    """Where :func:`open_row` gets its keys: the :class:`KeyManager`, or a :class:`TaskKeys`."""
+
+    def ensure_decryptable(self, conn: Executor, version: int) -> None: ...
+
+    def tenant_key(
+        self, conn: Executor, tenant_id: str, generation: int, kek_version: int
+    ) -> TenantKey: ...
+
+
+class TaskKeys:
+    """The keys of one task (a chunk, a verify pass): each looked up once, then held here.
+
+    DESIGN.md asks a task to derive each tenant key once; the process-wide cache would already
+    spare the derivation, but its TTL bookkeeping and lock cost more per row than the AES-GCM
+    work itself. A task is short, and a KEK version that rows still use cannot be retired
+    under it (the census refuses), so holding the answers for its duration is safe. Lives on
+    the stack of one task: never stored, pickled or shared.
+    """
+
+    __slots__ = ("_decryptable", "_keys", "_manager")
+
+    def __init__(self, manager: KeyManager) -> None:
+        self._manager = manager
+        self._keys: dict[tuple[str, int, int], TenantKey] = {}
+        self._decryptable: set[int] = set()
+
+    def ensure_decryptable(self, conn: Executor, version: int) -> None:
+        if version not in self._decryptable:
+            self._manager.ensure_decryptable(conn, version)  # raises: not remembered
+            self._decryptable.add(version)
+
+    def tenant_key(
+        self, conn: Executor, tenant_id: str, generation: int, kek_version: int
+    ) -> TenantKey:
+        cache_key = (tenant_id, generation, kek_version)
+        key = self._keys.get(cache_key)
+        if key is None:
+            key = self._keys[cache_key] = self._manager.tenant_key(
+                conn, tenant_id, generation, kek_version
+            )
+        return key
+
+    def __repr__(self) -> str:
+        return f"<TaskKeys keys={len(self._keys)} material=<redacted>>"
+
+    def __reduce__(self) -> tuple[()]:
+        raise TypeError("TaskKeys holds key material and cannot be pickled")
 
 
 def context_to_json(context: Mapping[str, str]) -> str:
@@ -61,7 +112,7 @@ def seal_with(
 
 
 def open_row(
-    keys: KeyManager,
+    keys: RowKeys,
     conn: Executor,
     *,
     tenant_id: str,
@@ -85,4 +136,7 @@ def open_row(
     return aead.decrypt_parsed(key, parsed, credential_id=credential_id, context=context)
 
 
-__all__ = ["Sealed", "context_from_json", "context_to_json", "open_row", "seal_with"]
+__all__ = [
+    "RowKeys", "Sealed", "TaskKeys", "context_from_json", "context_to_json", "open_row",
+    "seal_with",
+]
