@@ -112,3 +112,38 @@ def test_any_column_edit_is_found(runtime: Runtime, column: str) -> None:
         s.execute(update(AuditEvent).where(AuditEvent.seq == 2).values({column: value}))
     report = _verify(runtime)
     assert not report.ok and report.problem_seq == 2
+
+
+def test_batch_chain_matches_the_verified_definition() -> None:
+    """The batch builder (one pass, shared encodings) must produce exactly the MAC that
+    ``verify`` recomputes from each stored row: None vs "", repeated and unique strings."""
+    from datetime import UTC, datetime
+
+    from cuscred.services.audit import (
+        _ROW_COLUMNS,
+        GENESIS_MAC,
+        AuditRecord,
+        _chain,
+        compute_mac,
+    )
+
+    key = bytes(range(32))
+    ts = datetime(2026, 12, 4, 10, 11, 12, 345678, tzinfo=UTC)
+    records = [
+        AuditRecord(action="reencrypt", outcome="success", actor="w", tenant_id="t-1",
+                    credential_id=f"cred_{i}", reason="job=1")
+        for i in range(3)
+    ] + [
+        AuditRecord(action="resolve", outcome="denied", actor="w", tenant_id=None,
+                    ref_fingerprint="ab" * 16, reason=""),
+        AuditRecord(action="verify", outcome="failure", actor="a" * 200, tenant_id="t-1"),
+    ]
+    rows = _chain(records, 41, GENESIS_MAC, key, 3, ts, "stored")
+    prev = GENESIS_MAC
+    for seq, row in enumerate(rows, start=42):
+        as_dict = dict(zip(_ROW_COLUMNS, row, strict=True))
+        assert as_dict["seq"] == seq and as_dict["prev_mac"] == prev
+        assert as_dict["ts"] == "stored"
+        assert as_dict["mac"] == compute_mac(key, prev, {**as_dict, "ts": ts})
+        prev = as_dict["mac"]
+    assert rows[-1][2] == "a" * 128  # actor is cut to the column's width before the MAC
