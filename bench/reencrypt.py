@@ -104,7 +104,7 @@ from cuscred.factory import Runtime, build_runtime
 from cuscred.jobs.bulk import Reseal, write_resealed
 from cuscred.jobs.finalize import FINAL
 from cuscred.kek.local import LocalKeyring
-from cuscred.services.sealing import context_from_json, open_row, seal_with
+from cuscred.services.sealing import TaskKeys, context_from_json, open_row, seal_with
 
 REPO = Path(__file__).resolve().parents[1]
 ACTOR = "bench-reencrypt"
@@ -374,10 +374,16 @@ def floor_pass(runtime: Runtime, target: int, batch: int) -> int:
             if not rows:
                 return written
             items = []
+            # The same per-page memos as a chunk (TaskKeys, parsed contexts): the floor must
+            # not do more work than the job for the crypto part.
+            page_keys = TaskKeys(keys)
+            contexts: dict[str, dict[str, str]] = {}
             for r in rows:
-                context = context_from_json(r.context_json)
+                context = contexts.get(r.context_json)
+                if context is None:
+                    context = contexts[r.context_json] = context_from_json(r.context_json)
                 plaintext = open_row(
-                    keys,
+                    page_keys,
                     conn,
                     tenant_id=r.tenant_id,
                     credential_id=r.credential_id,
@@ -386,7 +392,7 @@ def floor_pass(runtime: Runtime, target: int, batch: int) -> int:
                     key_generation=r.key_generation,
                     context=context,
                 )
-                key = keys.tenant_key(conn, r.tenant_id, active[r.tenant_id], target)
+                key = page_keys.tenant_key(conn, r.tenant_id, active[r.tenant_id], target)
                 sealed = seal_with(key, plaintext, credential_id=r.credential_id, context=context)
                 items.append(
                     Reseal(
