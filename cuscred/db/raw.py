@@ -76,6 +76,8 @@ class RawConnection:
     """A DB-API connection whose transaction is managed by the caller."""
 
     _cache: ClassVar[dict[tuple[int, str, tuple[str, ...]], _Compiled]] = {}
+    #: Result column names by SQL text (empty for a statement that returns no rows).
+    _result_names: ClassVar[dict[str, tuple[str, ...]]] = {}
 
     def __init__(self, dbapi_connection: Any, dialect: Dialect) -> None:
         self._dbapi = dbapi_connection
@@ -91,21 +93,28 @@ class RawConnection:
         parameters: Mapping[str, Any] | Sequence[Mapping[str, Any]] | None = None,
     ) -> RawResult:
         """Run ``statement`` (a list of parameter mappings runs it once per mapping)."""
-        many = isinstance(parameters, Sequence) and not isinstance(parameters, Mapping)
+        # A dict is the hot path's case: tested first, without the ABC checks below.
+        many = not isinstance(parameters, dict) and (
+            isinstance(parameters, Sequence) and not isinstance(parameters, Mapping))
         rows_in = cast(
             Sequence[Mapping[str, Any]], parameters if many else [parameters or {}]
         )
         compiled = self._compiled(statement, tuple(rows_in[0]) if rows_in else ())
-        args = [self._args(compiled, row) for row in rows_in]
         cursor = self._dbapi.cursor()
         try:
             if many:
-                cursor.executemany(compiled.sql, args)
+                cursor.executemany(compiled.sql, [self._args(compiled, row) for row in rows_in])
                 return RawResult([], ())
-            cursor.execute(compiled.sql, args[0])
-            if cursor.description is None:
+            cursor.execute(compiled.sql, self._args(compiled, rows_in[0]))
+            names = self._result_names.get(compiled.sql)
+            if names is None:
+                # Asked once per statement: psycopg builds a Column object per column each
+                # time ``description`` is read (~15 us for the credential row).
+                described = cursor.description
+                names = self._result_names[compiled.sql] = (
+                    () if described is None else tuple(d[0] for d in described))
+            if not names:
                 return RawResult([], ())
-            names = tuple(d[0] for d in cursor.description)
             return RawResult(cursor.fetchall(), names)
         except self._dialect.loaded_dbapi.Error as exc:
             raise DBAPIError.instance(
@@ -139,18 +148,17 @@ class RawConnection:
 
     @staticmethod
     def _args(compiled: _Compiled, values: Mapping[str, Any]) -> Any:
-        if not compiled.processors and not compiled.defaults:
-            if compiled.positional is None:
-                return values
-            return tuple(values[name] for name in compiled.positional)
-        merged = {**compiled.defaults, **values} if compiled.defaults else values
-        processed = {
-            name: (compiled.processors[name](v) if name in compiled.processors else v)
-            for name, v in merged.items()
-        }
+        if compiled.defaults:
+            values = {**compiled.defaults, **values}
+        if compiled.processors:
+            # Few binds have a processor (timestamps): convert those, copy the rest as they are.
+            values = dict(values)
+            for name, processor in compiled.processors.items():
+                if name in values:
+                    values[name] = processor(values[name])
         if compiled.positional is None:
-            return processed
-        return tuple(processed[name] for name in compiled.positional)
+            return values
+        return tuple([values[name] for name in compiled.positional])
 
 
 @contextmanager

@@ -29,7 +29,7 @@ from typing import Any
 
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
-from sqlalchemy import BigInteger, Connection, Select, func, insert, literal, select, text
+from sqlalchemy import BigInteger, Connection, Select, func, insert, literal, select, text, true
 from sqlalchemy.exc import SQLAlchemyError
 
 from cuscred import metrics
@@ -206,10 +206,11 @@ def with_locked_tail(query: Select[Any], dialect_name: str) -> Select[Any]:
             literal(AUDIT_LOCK_ID, BigInteger())
         ).table_valued("seq", "mac")
         return query.add_columns(fn.c.seq.label("tail_seq"), fn.c.mac.label("tail_mac"))
+    # One seek of the newest row, joined to the (at most one) row of ``query``; two scalar
+    # subqueries would each read the tail again.
     last = select(_TABLE.c.seq, _TABLE.c.mac).order_by(_TABLE.c.seq.desc()).limit(1).subquery()
-    return query.add_columns(
-        select(last.c.seq).scalar_subquery().label("tail_seq"),
-        select(last.c.mac).scalar_subquery().label("tail_mac"),
+    return query.outerjoin(last, true()).add_columns(
+        last.c.seq.label("tail_seq"), last.c.mac.label("tail_mac")
     )
 
 
