@@ -38,6 +38,7 @@ from cuscred.cli.progress import (
     fmt_rate,
     watch,
 )
+from cuscred.config import KdfName
 from cuscred.db.models import JobKind, JobStatus, KeyState
 from cuscred.errors import CuscredError
 from cuscred.jobs.chunks import is_retryable
@@ -201,16 +202,43 @@ def reencrypt(ctx: typer.Context, tenant: TenantOpt = None, wait: Wait = False,
                                               tenant_id=tenant), True), wait=wait, json=json)
 
 
-def rekey(ctx: typer.Context,
-          tenant: Annotated[str, typer.Argument(help="Tenant id to re-key.")],
-          wait: Wait = False, json: Json = False) -> None:
+def rekey(
+    ctx: typer.Context,
+    tenant: Annotated[str | None, typer.Argument(help="Tenant id to re-key.",
+                                                 metavar="TENANT")] = None,
+    all_with_kdf: Annotated[KdfName | None, typer.Option(
+        "--all-with-kdf", help="Instead of one tenant: every tenant whose active generation "
+                               "derives with this KDF, then one reencrypt job over all rows.",
+    )] = None,
+    kdf: Annotated[KdfName | None, typer.Option(
+        help="KDF of the new generation(s) (default: CUSCRED_KDF).")] = None,
+    iterations: Annotated[int | None, typer.Option(
+        help="PBKDF2 iterations (default: CUSCRED_PBKDF2_ITERATIONS); not for hkdf-sha256.",
+    )] = None,
+    wait: Wait = False, json: Json = False,
+) -> None:
     """Give TENANT a new key generation (fresh salt) and move its rows to it.
+
+    With --all-with-kdf K --kdf K2: a new K2 generation for every tenant now on K, all in one
+    transaction, then one reencrypt job (e.g. PBKDF2-derived tenant keys to HKDF, or back).
 
     Without a broker (CUSCRED_BROKER_URL unset) the job runs to the end in this process.
     """
+    if (tenant is None) == (all_with_kdf is None):
+        raise typer.BadParameter("give exactly one of TENANT and --all-with-kdf")
+    if all_with_kdf is not None and kdf is None:
+        raise typer.BadParameter("--all-with-kdf needs --kdf, the KDF to move the tenants to")
     st = state(ctx)
+    actor = st.actor or "cli"
     with handled():
-        launch(st, lambda svc: (svc.rekey_tenant(tenant, requested_by=st.actor or "cli"), True),
+        params = st.runtime.keys.kdf_params(kdf, iterations)  # bad input fails before any job
+        if all_with_kdf is not None:
+            launch(st, lambda svc: (svc.rekey_all_with_kdf(all_with_kdf, params,
+                                                           requested_by=actor), True),
+                   wait=wait, json=json)
+            return
+        assert tenant is not None
+        launch(st, lambda svc: (svc.rekey_tenant(tenant, requested_by=actor, kdf=params), True),
                wait=wait, json=json)
 
 

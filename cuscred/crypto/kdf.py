@@ -46,6 +46,16 @@ class KdfParams:
             raise InvalidInputError("hkdf-sha256 takes no iteration count")
 
 
+def parse_kdf_name(name: str) -> KdfName:
+    """``name`` as a :class:`KdfName`; :class:`InvalidInputError` naming the known ones if it is
+    not one (the value itself is not repeated: input is described, never echoed)."""
+    try:
+        return KdfName(name)
+    except ValueError:
+        known = ", ".join(k.value for k in KdfName)
+        raise InvalidInputError(f"unknown KDF; known: {known}") from None
+
+
 def tenant_info(tenant_id: str) -> bytes:
     return b"cuscred/tenant/" + tenant_id.encode()
 
@@ -79,4 +89,4 @@ def _derive(ikm: bytes, salt: bytes, info: bytes, params: KdfParams) -> bytes:
     ).derive(ikm)
 
 
-__all__ = ["MIN_SALT_BYTES", "KdfParams", "derive_tenant_key", "tenant_info"]
+__all__ = ["MIN_SALT_BYTES", "KdfParams", "derive_tenant_key", "parse_kdf_name", "tenant_info"]

@@ -20,7 +20,8 @@ from __future__ import annotations
 from sqlalchemy import Connection, Engine, select, update
 from sqlalchemy.exc import IntegrityError
 
-from cuscred.config import Settings
+from cuscred.config import KdfName, Settings
+from cuscred.crypto.kdf import KdfParams, parse_kdf_name
 from cuscred.db.models import (
     KEK_VERSIONS,
     ROTATION_CHUNKS,
@@ -92,19 +93,49 @@ class RotationService:
             self._admin.promote(target, actor=self.actor)
         self.runner.start(job_id)
 
-    def rekey_tenant(self, tenant_id: str, *, requested_by: str) -> int:
-        """A new key generation (fresh salt) for one tenant and a job moving its rows to it."""
+    def rekey_tenant(self, tenant_id: str, *, requested_by: str,
+                     kdf: KdfParams | None = None) -> int:
+        """A new key generation (fresh salt; ``kdf``, default the configured one) for one
+        tenant and a job moving its rows to it."""
         tenant = validate_tenant_id(tenant_id)
+        kdf = kdf or self.keys.default_kdf()
         with self.engine.begin() as conn:
             if self.keys.active_generation(conn, tenant, create=False) is None:
                 # A typo must not create a tenant: re-keying needs one that exists.
                 raise InvalidInputError(f"tenant {tenant!r} has no active key generation")
-            generation = self.keys.add_generation(conn, tenant)
+            generation = self.keys.add_generation(conn, tenant, kdf)
             kek = self.keys.active_kek_version(conn)
             job_id = create_job(conn, JobKind.TENANT_REKEY, requested_by=requested_by,
                                 chunk_size=self.settings.chunk_size, tenant_id=tenant,
                                 target_kek_version=kek, target_generation=generation)
-            self.audit_job(conn, "tenant_rekey", job_id, tenant, requested_by)
+            self.audit.append(conn, [_rekey_record(job_id, tenant, generation, kdf,
+                                                   requested_by)])
+        self.runner.start(job_id)
+        return job_id
+
+    def rekey_all_with_kdf(self, current: KdfName | str, kdf: KdfParams, *,
+                           requested_by: str) -> int:
+        """A new generation (fresh salt, ``kdf``) for every tenant whose active generation
+        derives with ``current``, then one ``reencrypt`` job over all rows, which moves each
+        row onto its tenant's active generation (and the active KEK).
+
+        All generations are created in one transaction with the job, so a failure leaves no
+        tenant half-way. Raises :class:`InvalidInputError` (nothing changed) for an unknown
+        KDF name or when no tenant's active generation uses ``current``.
+        """
+        current = parse_kdf_name(current)
+        with self.engine.begin() as conn:
+            tenants = self.keys.tenants_on_kdf(conn, current)
+            if not tenants:
+                raise InvalidInputError(
+                    f"no tenant's active key generation uses {current.value}; nothing to re-key")
+            kek = self.keys.active_kek_version(conn)
+            job_id = create_job(conn, JobKind.REENCRYPT, requested_by=requested_by,
+                                chunk_size=self.settings.chunk_size, target_kek_version=kek)
+            records = [_rekey_record(job_id, tenant, self.keys.add_generation(conn, tenant, kdf),
+                                     kdf, requested_by) for tenant in tenants]
+            records.append(_job_record("job_created", job_id, None, requested_by))
+            self.audit.append(conn, records)
         self.runner.start(job_id)
         return job_id
 
@@ -195,10 +226,21 @@ class RotationService:
 
     def audit_job(self, conn: Connection, action: str, job_id: int, tenant: str | None,
                    requested_by: str) -> None:
-        self.audit.append(conn, [AuditRecord(
-            action=action, outcome=Outcome.SUCCESS, actor=requested_by[:128], tenant_id=tenant,
-            reason=f"job={job_id}",
-        )])
+        self.audit.append(conn, [_job_record(action, job_id, tenant, requested_by)])
+
+
+def _job_record(action: str, job_id: int, tenant: str | None, requested_by: str) -> AuditRecord:
+    return AuditRecord(action=action, outcome=Outcome.SUCCESS, actor=requested_by[:128],
+                       tenant_id=tenant, reason=f"job={job_id}")
+
+
+def _rekey_record(job_id: int, tenant: str, generation: int, kdf: KdfParams,
+                  requested_by: str) -> AuditRecord:
+    """A tenant's new generation, as the trail records it: the job moving its rows, the
+    generation number and how it derives (``pbkdf2-sha256:600000``), never the salt."""
+    how = kdf.name.value + (f":{kdf.iterations}" if kdf.iterations is not None else "")
+    return AuditRecord(action="tenant_rekey", outcome=Outcome.SUCCESS, actor=requested_by[:128],
+                       tenant_id=tenant, reason=f"job={job_id} gen={generation} {how}"[:64])
 
 
 def _locked_job(conn: Connection, job_id: int):  # type: ignore[no-untyped-def]

@@ -29,7 +29,7 @@ from sqlalchemy import Connection, bindparam, func, select, update
 from sqlalchemy.exc import IntegrityError
 
 from cuscred.config import KdfName, Settings
-from cuscred.crypto.kdf import MIN_SALT_BYTES, KdfParams, derive_tenant_key
+from cuscred.crypto.kdf import MIN_SALT_BYTES, KdfParams, derive_tenant_key, parse_kdf_name
 from cuscred.crypto.keys import Kek, TenantKey
 from cuscred.db.models import CREDENTIALS, KEK_VERSIONS, TENANT_KEYS, KeyState, utcnow
 from cuscred.db.raw import Executor
@@ -352,9 +352,28 @@ class KeyManager:
         return generation
 
     def default_kdf(self) -> KdfParams:
-        if self.settings.kdf is KdfName.PBKDF2_SHA256:
-            return KdfParams(KdfName.PBKDF2_SHA256, self.settings.pbkdf2_iterations)
-        return KdfParams(KdfName.HKDF_SHA256)
+        return self.kdf_params()
+
+    def kdf_params(self, name: KdfName | str | None = None,
+                   iterations: int | None = None) -> KdfParams:
+        """How a new generation derives: ``name`` (default ``CUSCRED_KDF``) and, for PBKDF2,
+        ``iterations`` (default ``CUSCRED_PBKDF2_ITERATIONS``).
+
+        Raises :class:`InvalidInputError` for an unknown KDF, an iteration count given with
+        HKDF (which has none), or fewer iterations than the minimum.
+        """
+        kdf = self.settings.kdf if name is None else parse_kdf_name(name)
+        if kdf is KdfName.PBKDF2_SHA256 and iterations is None:
+            iterations = self.settings.pbkdf2_iterations
+        return KdfParams(kdf, iterations)
+
+    def tenants_on_kdf(self, conn: Connection, kdf: KdfName) -> list[str]:
+        """Tenants whose active generation derives with ``kdf``, in id order. A shredded
+        tenant has no active generation, so it is never among them."""
+        return [str(t) for t in conn.execute(
+            select(_TK.c.tenant_id).where(_TK.c.state == KeyState.ACTIVE, _TK.c.kdf == kdf.value)
+            .order_by(_TK.c.tenant_id)
+        ).scalars()]
 
     def forget_tenant(self, tenant_id: str) -> None:
         with self._lock:
