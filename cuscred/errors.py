@@ -39,6 +39,13 @@ class InvalidInputError(CuscredError, ValueError):
     code = "invalid_input"
 
 
+class DatabaseCopyRefusedError(InvalidInputError):
+    """``db copy`` refused: the target is not empty, or a schema is not at the newest
+    migration, or the source does not exist. Nothing was copied."""
+
+    code = "copy_refused"
+
+
 class InvalidSecretError(InvalidInputError):
     """The secret is empty, too long, contains NUL, or has surrounding whitespace."""
 
@@ -205,6 +212,7 @@ __all__ = [
     "CredentialNotFoundError",
     "CuscredError",
     "CuscredTypeError",
+    "DatabaseCopyRefusedError",
     "DecryptionError",
     "EnvReferenceDisabledError",
     "FieldMissingError",

@@ -6,7 +6,7 @@ from typing import Annotated
 
 import typer
 
-from cuscred.cli import admin, credentials, jobs, rotation
+from cuscred.cli import admin, credentials, jobs, moving, rotation
 from cuscred.cli.common import CliState, quiet_logging
 
 app = typer.Typer(
@@ -33,6 +33,7 @@ def _root(
 
 credentials.register(app)
 admin.register(app)
+moving.register()
 rotation.register(app)
 jobs.register(app)
 
