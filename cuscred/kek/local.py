@@ -68,8 +68,11 @@ class LocalKeyring:
         return Kek(version, _decode_key(entry, version, self.path))
 
     def latest_version(self) -> int | None:
-        versions = self._load()["versions"]
-        return max((int(v) for v in versions), default=None)
+        return max(self.versions(), default=None)
+
+    def versions(self) -> list[int]:
+        """Every version in the file, in order (``keys import-keyring`` copies them all)."""
+        return sorted(int(v) for v in self._load()["versions"])
 
     def add_version(self) -> int:
         with self._locked():

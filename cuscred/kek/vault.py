@@ -12,6 +12,9 @@ oldest beyond that, which would destroy a KEK that rows still use. So
 before that point. Only the secret-level setting is visible without extra policy; when it is 0
 the KV default of 10 is assumed (a higher mount-level setting is not seen, a lower one is missed).
 
+:meth:`VaultKekSource.import_versions` (``cuscred keys import-keyring``) moves a local keyring
+here: its versions 1..N become KV versions 1..N of a secret that has none yet.
+
 Policy needed: ``read`` on ``<mount>/data/<path>`` and ``<mount>/metadata/<path>``; ``create`` and
 ``update`` on ``<mount>/data/<path>`` for the identity that rotates.
 """
@@ -21,12 +24,14 @@ from __future__ import annotations
 import base64
 import binascii
 import os
+from collections.abc import Sequence
 
 from cuscred.config import Settings
 from cuscred.crypto.keys import KEY_BYTES, Kek
 from cuscred.errors import (
     ConcurrentUpdateError,
     CredentialNotFoundError,
+    CuscredError,
     InvalidInputError,
     KekUnavailableError,
     KeyStateError,
@@ -106,12 +111,56 @@ class VaultKekSource:
         current = meta.current_version if meta is not None else 0
         if meta is not None:
             _refuse_discarding_a_version(meta)
-        material = base64.b64encode(os.urandom(KEY_BYTES)).decode("ascii")
+        return self._write(os.urandom(KEY_BYTES), cas=current)
+
+    def import_versions(self, keks: Sequence[Kek]) -> None:
+        """Write ``keks`` (versions 1..N, in order) as KV versions 1..N of a secret that has no
+        version yet, so that KV version N holds KEK version N: ciphertext headers and audit
+        rows name KEK versions by number, and :meth:`get` reads version N as KV version N.
+
+        Refuses with :class:`KeyStateError`, writing nothing, when the secret already has a
+        version or keeps fewer than N versions (KV v2 would discard the oldest). Each write is
+        check-and-set on the version before it, so a concurrent writer stops the import
+        instead of shifting the numbers; an error part-way carries a note saying how many
+        versions were written. Raises :class:`InvalidInputError` if the versions are not
+        1..N; :class:`VaultUnavailableError`, :class:`PermissionDeniedError`,
+        :class:`VaultError` as :meth:`add_version`.
+        """
+        if not keks or [k.version for k in keks] != list(range(1, len(keks) + 1)):
+            raise InvalidInputError("KEK versions to import must be 1..N, in order")
+        meta = self._kv.metadata(self.mount, self.path)
+        if meta is not None and meta.current_version:
+            raise KeyStateError(
+                f"the KEK secret (Vault mount {self.mount!r}) already holds versions up to "
+                f"{meta.current_version}; a keyring is imported into an empty path only, so "
+                "that KV version N is KEK version N. Nothing was written"
+            )
+        limit = (meta.max_versions if meta is not None else 0) or KV_DEFAULT_MAX_VERSIONS
+        if len(keks) > limit:
+            raise KeyStateError(
+                f"the keyring holds {len(keks)} versions but the KEK secret keeps at most "
+                f"{limit}: KV v2 would discard the oldest; raise max_versions in the secret's "
+                "metadata first. Nothing was written"
+            )
+        for kek in keks:
+            try:
+                written = self._write(kek.material(), cas=kek.version - 1)
+            except CuscredError as exc:
+                if kek.version > 1:
+                    exc.add_note(f"KEK versions 1..{kek.version - 1} were written to Vault "
+                                 "before this error")
+                raise
+            if written != kek.version:  # cas makes this impossible; never trust it silently
+                raise KeyStateError(f"Vault stored KEK version {kek.version} as KV version "
+                                    f"{written}: remove the secret and import again")
+
+    def _write(self, material: bytes, *, cas: int) -> int:
+        value = base64.b64encode(material).decode("ascii")
         try:
-            return self._kv.write(self.mount, self.path, {self.field: material}, cas=current)
+            return self._kv.write(self.mount, self.path, {self.field: value}, cas=cas)
         except ConcurrentUpdateError as e:
             raise KeyStateError(
-                f"another writer added a KEK version after version {current} "
+                f"another writer added a KEK version after version {cas} "
                 f"(Vault mount {self.mount!r}); nothing was written"
             ) from e
 
