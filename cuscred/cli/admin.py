@@ -28,6 +28,7 @@ from cuscred.db.migrate import current_and_head, upgrade_to_head
 from cuscred.db.models import KeyState
 from cuscred.kek.local import LocalKeyring
 from cuscred.metrics import render, write_textfile
+from cuscred.services.audit_read import recent_events
 from cuscred.services.audit_verify import verify_chain
 from cuscred.services.health import run_checks
 
@@ -182,6 +183,33 @@ def audit_verify(
                           + (f" ({escape(report.detail)})" if report.detail else ""))
     if not report.ok:
         raise typer.Exit(EXIT_VERIFY)
+
+
+@audit_app.command("list")
+def audit_list(
+    ctx: typer.Context,
+    tenant: Annotated[str | None, typer.Option("--tenant", "-t", help="Only this tenant.")] = None,
+    action: Annotated[str | None, typer.Option(
+        help="Only this action (e.g. shred_tenant).")] = None,
+    limit: Annotated[int, typer.Option(help="Newest N events.", min=1, max=10_000)] = 20,
+    json: Json = False,
+) -> None:
+    """The newest audit events, newest first: who did what, to which tenant and credential,
+    and how it ended. Nothing in them is secret; `audit verify` checks they are genuine."""
+    with handled(), state(ctx).runtime.engine.connect() as conn:
+        entries = recent_events(conn, tenant_id=tenant, action=action, limit=limit)
+    if json:
+        print_json([e.as_json() for e in entries])
+        return
+    table = Table("seq", "time (UTC)", "actor", "tenant", "credential", "action", "outcome",
+                  "reason")
+    for e in entries:
+        table.add_row(str(e.seq), f"{e.ts:%Y-%m-%d %H:%M:%S}", escape(e.actor),
+                      e.tenant_id or "-", e.credential_id or "-", e.action, e.outcome,
+                      escape(e.reason or "-"))
+    out_console.print(table)
+    if not entries:
+        err_console.print("no audit events match")
 
 
 def doctor(ctx: typer.Context, json: Json = False) -> None:
