@@ -150,7 +150,7 @@ def _chain(
     head = _field(ts)
     version_enc = _field(version)
     strings: dict[str | None, bytes] = {None: _NONE}
-    rows = []
+    rows: list[tuple[object, ...]] = []
     for record in records:
         seq += 1
         actor = record.actor[:128]
