@@ -17,6 +17,7 @@ from tests.worker_fixtures import (
     kek_materials,
     reencrypt_events,
     seed,
+    wait_for,
 )
 
 _DONE = r"chunk job=\d+ chunk=\d+ status=done "
@@ -39,6 +40,10 @@ def test_kek_rotation_of_10k_credentials_by_two_worker_processes(stack: Stack) -
     chunks = stack.chunks(job_id)
     assert {c.status for c in chunks} == {"done"} and len(chunks) == 10
     assert sum(c.done for c in chunks) == 10_000
+    # A chunk logs its line after its commit, so the job can complete before the last line
+    # is written: wait for the lines, then count them.
+    wait_for(lambda: sum(w.count(_DONE) for w in workers) >= 10, timeout=30,
+             what="10 chunk lines", details=stack.tails)
     for worker in workers:  # both processes took part
         assert worker.count(_DONE) >= 1, worker.tail()
     assert sum(w.count(_DONE) for w in workers) == 10
@@ -75,6 +80,7 @@ def test_same_chunk_delivered_twice_changes_nothing(stack: Stack) -> None:
         runner.chunk(job_id, chunk_no)
     job = stack.wait_job(job_id)
     worker.wait_for_log(_NOT_CLAIMED, count=6)
+    worker.wait_for_log(_DONE, count=6)  # logged after the commit: may trail the job row
 
     # Of each pair one delivery did the work and the other found it done or leased.
     assert (worker.count(_DONE), worker.count(_NOT_CLAIMED)) == (6, 6)
@@ -138,6 +144,7 @@ def test_kek_is_fetched_from_vault_once_per_task_at_most(
     job = stack.wait_job(job_id)
     assert (job.status, job.done) == ("completed", 2_000)
 
+    worker.wait_for_log(r"chunk job=\d+ chunk=\d+ status=", count=20)  # lines trail commits
     chunk_tasks = worker.count(r"chunk job=\d+ chunk=\d+ status=")
     assert chunk_tasks == 20
     reads = [r for r in _audited_requests(openbao, f"secret/data/{kek_path}", "read")
