@@ -260,3 +260,29 @@ def test_nothing_to_do_completes_at_once(runtime: Runtime) -> None:
     job = _job(runtime, job_id)
     assert (job.status, job.total) == ("completed", 0)
     assert _scalar(runtime, "SELECT COUNT(*) FROM audit_events WHERE action='job_finished'") == 1
+
+
+def test_resume_gives_a_chunk_that_ran_out_of_attempts_a_fresh_budget(runtime: Runtime) -> None:
+    """A chunk given up after ``chunk_max_attempts`` claims (say, Vault down for hours) must run
+    when an operator resumes the job, not be given up again on its first claim."""
+    _seed(runtime, 60, 3)
+    svc, _, job_id = _stepwise(runtime, chunk_size=30)
+    from cuscred.jobs.control import JobControl
+
+    svc.reencrypt_chunk(job_id, 1)
+    # Chunk 2 used up its attempts on retryable errors (each claim counts one).
+    with runtime.engine.begin() as conn:
+        conn.execute(update(ROTATION_CHUNKS).where(ROTATION_CHUNKS.c.chunk_no == 2).values(
+            attempts=runtime.settings.chunk_max_attempts))
+    assert svc.reencrypt_chunk(job_id, 2).status == "not_claimed"  # given up
+    svc.finalize_job(job_id)
+    job = _job(runtime, job_id)
+    assert (job.status, job.done, job.failed) == ("completed_with_errors", 30, 30)
+
+    runner = InProcessRunner()
+    svc.runner = runner
+    runner.bind(svc)
+    assert JobControl(svc).resume(job_id, actor="op") == "running"
+    job = _job(runtime, job_id)
+    assert (job.status, job.total, job.done, job.skipped, job.failed) == (
+        "completed", 60, 60, 0, 0)

@@ -80,9 +80,9 @@ class JobControl:
         return JobStatus.CANCELLED
 
     def resume(self, job_id: int, *, actor: str) -> str:
-        """Re-drive a job: cancelled and failed chunks go back to pending (crash counts reset),
-        then every unfinished chunk is enqueued. A finished job with no such chunk is left
-        alone."""
+        """Re-drive a job: cancelled and failed chunks go back to pending (crash and attempt
+        counts reset), then every unfinished chunk is enqueued. A finished job with no such
+        chunk is left alone."""
         with self._engine.begin() as conn:
             job = conn.execute(select(_J).where(_J.c.id == job_id).with_for_update()).first()
             if job is None:
@@ -97,8 +97,11 @@ class JobControl:
                 # every later pass; forget those records so the reopened chunk retries them.
                 conn.execute(delete(_F).where(_F.c.job_id == job_id, _F.c.chunk_no.in_(
                     select(_CH.c.chunk_no).where(*reopen))))
+                # Crashes and attempts are budgets for one drive of the job: a chunk given up
+                # for either would otherwise be given up again on its first claim.
                 reopened = conn.execute(update(_CH).where(*reopen).values(
-                    status=ChunkStatus.PENDING, crashes=0, claim_token=None, lease_until=None,
+                    status=ChunkStatus.PENDING, crashes=0, attempts=0, claim_token=None,
+                    lease_until=None,
                     enqueued_at=utcnow(), total=0, done=0, skipped=0, failed=0,
                 )).rowcount
                 if job.status in FINAL and not reopened:
