@@ -13,14 +13,16 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable
-from typing import Generic, TypeVar
+from typing import TYPE_CHECKING, Generic, TypeVar
 
 from rich.console import Console
-from rich.progress import BarColumn, Progress, TaskID, TaskProgressColumn, TextColumn
 from sqlalchemy import Engine
 
 from cuscred.jobs.runner import InProcessRunner
 from cuscred.jobs.views import JobView, get_job, reader_engine
+
+if TYPE_CHECKING:  # rich.progress costs ~75 ms to import: only commands that draw a bar load it
+    from rich.progress import Progress, TaskID
 
 T = TypeVar("T")
 POLL_S = 0.2
@@ -133,6 +135,8 @@ def watch(
 ) -> JobView:
     """Draw a bar for ``job_id`` until it is final (or ``stop()`` says the driving thread
     ended); return the last view. The bar goes to ``console`` (the CLI uses stderr)."""
+    from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn
+
     progress = Progress(
         TextColumn("job {task.fields[job]} {task.fields[status]:<9}"), BarColumn(),
         TaskProgressColumn(), TextColumn("{task.fields[rows]}  {task.fields[rate]}"),
