@@ -147,3 +147,53 @@ def test_batch_chain_matches_the_verified_definition() -> None:
         assert as_dict["mac"] == compute_mac(key, prev, {**as_dict, "ts": ts})
         prev = as_dict["mac"]
     assert rows[-1][2] == "a" * 128  # actor is cut to the column's width before the MAC
+
+
+def test_uniform_batch_matches_the_verified_definition() -> None:
+    """A chunk's events (equal but for tenant and credential) chain to the same MACs as the
+    general builder, and so as ``verify`` recomputes them."""
+    from datetime import UTC, datetime
+
+    from cuscred.services.audit import (
+        _ROW_COLUMNS,
+        GENESIS_MAC,
+        AuditRecord,
+        _chain,
+        _chain_uniform,
+        compute_mac,
+    )
+
+    key = bytes(range(32, 64))
+    ts = datetime(2026, 12, 4, 1, 2, 3, 4, tzinfo=UTC)
+    template = AuditRecord(action="reencrypt", outcome="success", actor="rotation-worker",
+                           reason="job=7")
+    subjects = [("t-1", "cred_a"), ("t-2", "cred_b"), ("t-1", "cred_c"), (None, "cred_d")]
+    uniform = _chain_uniform(template, subjects, 9, GENESIS_MAC, key, 2, ts, ts)
+    general = _chain([AuditRecord(action="reencrypt", outcome="success", actor="rotation-worker",
+                                  reason="job=7", tenant_id=t, credential_id=c)
+                      for t, c in subjects], 9, GENESIS_MAC, key, 2, ts, ts)
+    assert uniform == general
+    prev = GENESIS_MAC
+    for row in uniform:
+        as_dict = dict(zip(_ROW_COLUMNS, row, strict=True))
+        assert as_dict["mac"] == compute_mac(key, prev, as_dict)
+        prev = as_dict["mac"]
+
+
+def test_uniform_append_then_failures_verifies(runtime: Runtime) -> None:
+    from cuscred.services.audit import AuditRecord
+
+    _fill(runtime, 2)
+    template = AuditRecord(action="reencrypt", outcome="success", actor="w", reason="job=1")
+    with runtime.engine.begin() as conn:
+        runtime.audit.append_uniform(
+            conn, template, [("tenant-a", f"cred_{i}") for i in range(5)],
+            then=[AuditRecord(action="reencrypt", outcome="failure", actor="w",
+                              tenant_id="tenant-a", credential_id="cred_x",
+                              reason="job=1 decrypt_failed")])
+    report = _verify(runtime)
+    assert report.ok and report.rows_checked == 4 + 6
+    with runtime.engine.connect() as conn:
+        outcomes = conn.execute(select(AuditEvent.outcome).where(
+            AuditEvent.action == "reencrypt").order_by(AuditEvent.seq)).scalars().all()
+    assert outcomes == ["success"] * 5 + ["failure"]

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import hmac
 import struct
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -180,6 +180,41 @@ def _chain(
     return rows
 
 
+#: Who an event of a uniform batch is about: (tenant id, credential id).
+Subject = tuple[str | None, str | None]
+
+
+def _chain_uniform(
+    template: AuditRecord, subjects: Sequence[Subject], seq: int, prev_mac: str, key: bytes,
+    version: int, ts: datetime, stored_ts: object,
+) -> list[tuple[object, ...]]:
+    """:func:`_chain` for events equal to ``template`` but for their tenant and credential.
+
+    A chunk's success events are such a batch; everything but ``seq``, the tenant (a handful
+    per chunk, encoded once each) and the credential id is encoded once for the batch, so a
+    row costs two short encodings, a join and its HMAC.
+    """
+    actor = template.actor[:128]
+    middle = _field(ts) + _field(actor)
+    tail = b"".join((_field(template.ref_fingerprint), _field(template.action),
+                     _field(template.outcome), _field(template.reason), _field(version)))
+    tenants: dict[str | None, bytes] = {None: _NONE}
+    rows: list[tuple[object, ...]] = []
+    fields = (template.ref_fingerprint, template.action, template.outcome, template.reason,
+              version)
+    for tenant_id, credential_id in subjects:
+        seq += 1
+        tenant_enc = tenants.get(tenant_id)
+        if tenant_enc is None:
+            tenant_enc = tenants[tenant_id] = _field(tenant_id)
+        message = b"".join((prev_mac.encode(), _field(seq), middle, tenant_enc,
+                            _field(credential_id), tail))
+        mac = hmac.digest(key, message, "sha256").hex()
+        rows.append((seq, stored_ts, actor, tenant_id, credential_id, *fields, prev_mac, mac))
+        prev_mac = mac
+    return rows
+
+
 def compute_mac(key: bytes, prev_mac: str, row: Mapping[str, object]) -> str:
     return hmac.digest(key, prev_mac.encode() + _canonical(row), "sha256").hex()
 
@@ -283,17 +318,49 @@ class AuditLog:
         transaction must then be rolled back, so the access it records does not happen.
         """
         records = list(records)
-        if not records:
+        if records:
+            self._write(conn, tail, len(records), lambda *chain_args: _chain(
+                records, *chain_args))
+
+    def append_uniform(
+        self,
+        conn: Executor,
+        template: AuditRecord,
+        subjects: Sequence[Subject],
+        *,
+        then: Sequence[AuditRecord] = (),
+    ) -> None:
+        """Append one event per ``(tenant_id, credential_id)`` of ``subjects``, each equal to
+        ``template`` otherwise, then ``then``: a re-encryption chunk's events, one per row it
+        moved and one per row that failed. Same contract as :meth:`append`; the rows are
+        exactly what :meth:`append` would write for the same records."""
+        if not subjects and not then:
             return
+
+        def chain(seq: int, prev_mac: str, key: bytes, version: int, ts: datetime,
+                  stored_ts: object) -> list[tuple[object, ...]]:
+            rows = _chain_uniform(template, subjects, seq, prev_mac, key, version, ts, stored_ts)
+            if then:
+                last_mac = str(rows[-1][-1]) if rows else prev_mac
+                rows += _chain(list(then), seq + len(rows), last_mac, key, version, ts,
+                               stored_ts)
+            return rows
+
+        self._write(conn, None, len(subjects) + len(then), chain)
+
+    def _write(
+        self, conn: Executor, tail: tuple[int, str] | None, count: int,
+        chain: Callable[[int, str, bytes, int, datetime, object], list[tuple[object, ...]]],
+    ) -> None:
         try:
             version, key = self.keys.active(conn)
             seq, prev_mac = tail if tail is not None else self._lock_tail(conn)
             ts = utcnow()
             stored_ts: object = ts
-            if len(records) > 1 and isinstance(conn, Connection):  # a batch: _insert's raw path
+            if count > 1 and isinstance(conn, Connection):  # a batch: _insert's raw path
                 stamp = _TABLE.c.ts.type.bind_processor(conn.dialect)
                 stored_ts = stamp(ts) if stamp else ts
-            _insert(conn, _chain(records, seq, prev_mac, key, version, ts, stored_ts))
+            _insert(conn, chain(seq, prev_mac, key, version, ts, stored_ts))
         except CuscredError as exc:
             metrics.AUDIT_WRITE_FAILURES.inc()
             raise AuditWriteError(f"audit event not written: {exc.code}") from exc
