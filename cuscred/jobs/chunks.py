@@ -9,17 +9,21 @@ The life of a chunk (``rotation_chunks.status``)::
 * **Claim** (own transaction): only a ``pending`` chunk, or a ``running`` one whose lease ran
   out, can be claimed; the claim gets a random token. A duplicate delivery finds the chunk
   ``done`` or leased and does nothing.
-* **Work** (one transaction): check the token still holds, read the stale rows, decrypt each
-  with exactly the key its header names, encrypt with the target keys, compare-and-swap them
-  back, record failures, mark the chunk ``done`` with its counts, append one audit event per
-  row. A crash anywhere before commit leaves nothing behind, and counts are only ever written
-  with the rows they count, so ``done + skipped + failed == total`` by construction.
+* **Prepare** (no write lock): load the KEKs, read the stale rows, decrypt each with exactly
+  the key its header names, encrypt with the target keys. Nothing is written.
+* **Finish** (one transaction): check the token still holds, compare-and-swap the rows back
+  (a row changed since it was read is *skipped*, never overwritten), record failures, mark the
+  chunk ``done`` with its counts, append one audit event per row. A crash anywhere before
+  commit leaves nothing behind, and counts are only ever written with the rows they count, so
+  ``done + skipped + failed == total`` by construction. Keeping the crypto out of this
+  transaction keeps SQLite's one write lock short (an application writing credentials during a
+  rotation waits for a chunk's writes, not for its decryption), and PostgreSQL's row locks.
 * **Release**: a retryable error (Vault or the database unavailable) puts the chunk back to
   ``pending`` without counting a crash, so the task can retry with backoff; any other error
   counts as a crash.
 
 Plaintexts live only inside :meth:`ChunkProcessor._reseal`; nothing secret is logged, stored
-outside the ciphertext, or returned.
+outside the ciphertext, or returned (a :class:`PreparedChunk` holds new ciphertexts only).
 """
 
 from __future__ import annotations
@@ -49,6 +53,7 @@ from cuscred.db.models import (
 from cuscred.errors import CuscredError, DecryptionError, KekUnavailableError
 from cuscred.jobs.bulk import Reseal, write_resealed
 from cuscred.jobs.scope import stale_rows
+from cuscred.jobs.views import reader_engine
 from cuscred.services.audit import AuditLog, AuditRecord, Outcome
 from cuscred.services.keys import KeyManager
 from cuscred.services.sealing import TaskKeys, context_from_json, open_row, seal_with
@@ -76,6 +81,34 @@ class ChunkOutcome:
         return {name: getattr(self, name) for name in self.__slots__}
 
 
+@dataclass(frozen=True, slots=True)
+class _Claim:
+    token: str
+    target_kek: int
+    tenant_id: str | None
+    pk_lo: int
+    pk_hi: int
+    readable: frozenset[int]  # KEK versions that may still decrypt
+
+
+@dataclass(slots=True)
+class PreparedChunk:
+    """A claimed chunk whose rows are re-encrypted in memory, not yet written: ids, new
+    ciphertexts and counts (no plaintext, no key). :meth:`ChunkProcessor.finish` writes it."""
+
+    job_id: int
+    chunk_no: int
+    claim: _Claim
+    started: float
+    rows: list[Any]
+    resealed: list[Reseal]
+    failures: list[tuple[str, str]]
+
+    def __repr__(self) -> str:
+        return (f"<PreparedChunk job={self.job_id} chunk={self.chunk_no} rows={len(self.rows)}"
+                f" failures={len(self.failures)}>")
+
+
 def is_retryable(exc: BaseException) -> bool:
     """Errors worth retrying with backoff: a service was unavailable, nothing was written."""
     if isinstance(exc, CuscredError):
@@ -98,36 +131,70 @@ class ChunkProcessor:
         self._actor = actor
         # Test seam: called with the chunk's row pks after they were read, before the write.
         self._between_read_and_write = between_read_and_write
+        self._reader_engine: Engine | None = None
 
     def process(self, job_id: int, chunk_no: int) -> ChunkOutcome:
         """Claim and run one chunk. Raises the error of a failed attempt after releasing the
         claim (retryable errors: see :func:`is_retryable`)."""
+        prepared = self.prepare(job_id, chunk_no)
+        return prepared if isinstance(prepared, ChunkOutcome) else self.finish(prepared)
+
+    def prepare(self, job_id: int, chunk_no: int) -> PreparedChunk | ChunkOutcome:
+        """Claim the chunk, load its keys and re-encrypt its stale rows in memory (no write
+        lock is held). A chunk that cannot be claimed comes back as its outcome."""
         claim = self._claim(job_id, chunk_no)
         if claim is None:
             return ChunkOutcome(job_id, chunk_no, "not_claimed")
-        token, keks_needed = claim
         started = time.monotonic()
         try:
-            self._prefetch_keks(*keks_needed)
-            outcome = self._work(job_id, chunk_no, token, started)
+            self._prefetch_keks(claim.target_kek, claim.readable)
+            with self._reader().connect() as conn:
+                rows = list(conn.execute(stale_rows(
+                    job_id, claim.target_kek, claim.tenant_id, claim.pk_lo, claim.pk_hi)))
+                resealed, failures = self._reseal(conn, rows, claim.target_kek)
+                conn.rollback()  # a read: nothing to keep, and no snapshot held open
         except BaseException as exc:
-            self._release(job_id, chunk_no, token, exc)
-            metrics.CHUNK_SECONDS.labels("error").observe(time.monotonic() - started)
+            self._failed(job_id, chunk_no, claim.token, started, exc)
             raise
-        metrics.CHUNK_SECONDS.labels(outcome.status).observe(time.monotonic() - started)
+        return PreparedChunk(job_id, chunk_no, claim, started, rows, resealed, failures)
+
+    def finish(self, prepared: PreparedChunk) -> ChunkOutcome:
+        """Write a prepared chunk in one transaction (see the module docstring)."""
+        try:
+            outcome = self._work(prepared)
+        except BaseException as exc:
+            self._failed(prepared.job_id, prepared.chunk_no, prepared.claim.token,
+                         prepared.started, exc)
+            raise
+        metrics.CHUNK_SECONDS.labels(outcome.status).observe(time.monotonic() - prepared.started)
         return outcome
+
+    def _failed(self, job_id: int, chunk_no: int, token: str, started: float,
+                exc: BaseException) -> None:
+        self._release(job_id, chunk_no, token, exc)
+        metrics.CHUNK_SECONDS.labels("error").observe(time.monotonic() - started)
+
+    def _reader(self) -> Engine:
+        """Where a chunk reads its rows: on SQLite a plain (deferred) read, which in WAL mode
+        sees the last commit without taking the write lock that every transaction of the
+        library's engine takes (``BEGIN IMMEDIATE``); elsewhere the engine itself."""
+        if self._reader_engine is None:
+            self._reader_engine = reader_engine(self._engine)
+        return self._reader_engine
 
     # --- claim / release ----------------------------------------------------------------------
 
-    def _claim(self, job_id: int, chunk_no: int) -> tuple[str, tuple[int, set[int]]] | None:
-        """Take the chunk; return its claim token and the KEK versions its work may need
-        (the job's target, and every version that can still decrypt)."""
+    def _claim(self, job_id: int, chunk_no: int) -> _Claim | None:
+        """Take the chunk; return its claim token, what it covers, and the KEK versions its
+        work may need (the job's target, and every version that can still decrypt). None: it
+        is finished, cancelled, held by another worker, or given up (which this records)."""
         with self._engine.begin() as conn:
             chunk = _locked_chunk(conn, job_id, chunk_no)
             if chunk is None or chunk.status in _TERMINAL:
                 return None
             job = conn.execute(
-                select(_J.c.status, _J.c.target_kek_version).where(_J.c.id == job_id)
+                select(_J.c.status, _J.c.target_kek_version, _J.c.tenant_id).where(
+                    _J.c.id == job_id)
             ).one()
             now = utcnow()
             if job.status == JobStatus.CANCELLED:
@@ -148,11 +215,14 @@ class ChunkProcessor:
                 crashes=crashes, claim_token=token, started_at=now,
                 lease_until=now + timedelta(seconds=self._settings.chunk_lease_s),
             )
-            readable = {v for v, state in self._keys.kek_states(conn).items()
-                        if state != KeyState.RETIRED}
-            return token, (int(job.target_kek_version), readable)
+            return _Claim(token, int(job.target_kek_version), job.tenant_id, int(chunk.pk_lo),
+                          int(chunk.pk_hi), self._readable(conn))
 
-    def _prefetch_keks(self, target: int, readable: set[int]) -> None:
+    def _readable(self, conn: Connection) -> frozenset[int]:
+        return frozenset(v for v, state in self._keys.kek_states(conn).items()
+                         if state != KeyState.RETIRED)
+
+    def _prefetch_keks(self, target: int, readable: frozenset[int]) -> None:
         """Load the KEKs into the key cache before the work transaction takes its locks.
 
         On SQLite the work transaction holds the database's one write lock from its first
@@ -201,20 +271,19 @@ class ChunkProcessor:
 
     # --- work -----------------------------------------------------------------------------
 
-    def _work(self, job_id: int, chunk_no: int, token: str, started: float) -> ChunkOutcome:
+    def _work(self, prepared: PreparedChunk) -> ChunkOutcome:
+        job_id, chunk_no, rows = prepared.job_id, prepared.chunk_no, prepared.rows
+        resealed, failures = prepared.resealed, prepared.failures
+        if self._between_read_and_write is not None:
+            self._between_read_and_write([r.pk for r in rows])
         with self._engine.begin() as conn:
             chunk = _locked_chunk(conn, job_id, chunk_no)
-            if chunk is None or chunk.claim_token != token or chunk.status != "running":
+            if (chunk is None or chunk.claim_token != prepared.claim.token
+                    or chunk.status != "running"):
                 return ChunkOutcome(job_id, chunk_no, "lost_claim")
-            job = conn.execute(select(_J).where(_J.c.id == job_id)).one()
-            rows = conn.execute(stale_rows(job_id, job.target_kek_version, job.tenant_id,
-                                           chunk.pk_lo, chunk.pk_hi)).all()
-            resealed, failures = self._reseal(conn, rows, int(job.target_kek_version))
-            if self._between_read_and_write is not None:
-                self._between_read_and_write([r.pk for r in rows])
             written = write_resealed(conn, resealed, utcnow())
             _record_failures(conn, job_id, chunk_no, failures)
-            duration_ms = int((time.monotonic() - started) * 1000)
+            duration_ms = int((time.monotonic() - prepared.started) * 1000)
             outcome = ChunkOutcome(
                 job_id, chunk_no, ChunkStatus.DONE, total=len(rows), done=len(written),
                 skipped=len(resealed) - len(written), failed=len(failures),
@@ -224,8 +293,7 @@ class ChunkProcessor:
                        done=outcome.done, skipped=outcome.skipped, failed=outcome.failed,
                        claim_token=None, lease_until=None, finished_at=utcnow(),
                        duration_ms=duration_ms, last_error=_failure_summary(failures))
-            by_pk = {r.pk: r for r in rows}
-            self._audit.append(conn, self._events(job_id, by_pk, written, failures))
+            self._append_events(conn, job_id, rows, written, failures)
         for _, why in failures:  # counted once committed: a rolled-back attempt will run again
             metrics.DECRYPT_FAILURES.labels(metrics.failure_reason(why)).inc()
         return outcome
@@ -263,25 +331,25 @@ class ChunkProcessor:
             ))
         return resealed, failures
 
-    def _events(
-        self, job_id: int, rows: dict[int, Any], written: set[int],
+    def _append_events(
+        self, conn: Connection, job_id: int, rows: Sequence[Any], written: set[int],
         failures: list[tuple[str, str]],
-    ) -> list[AuditRecord]:
+    ) -> None:
+        """One audit event per row moved (in primary-key order), then one per row that
+        failed: the moved rows' events differ only in tenant and credential id."""
         reason = f"job={job_id}"
-        events = [
+        moved = [(r.tenant_id, r.credential_id) for r in rows if r.pk in written]
+        tenants = {r.credential_id: r.tenant_id for r in rows} if failures else {}
+        self._audit.append_uniform(
+            conn,
             AuditRecord(action="reencrypt", outcome=Outcome.SUCCESS, actor=self._actor,
-                        tenant_id=rows[pk].tenant_id, credential_id=rows[pk].credential_id,
-                        reason=reason)
-            for pk in sorted(written)
-        ]
-        tenants = {r.credential_id: r.tenant_id for r in rows.values()}
-        events += [
-            AuditRecord(action="reencrypt", outcome=Outcome.FAILURE, actor=self._actor,
-                        tenant_id=tenants.get(cid), credential_id=cid,
-                        reason=f"{reason} {why}"[:64])
-            for cid, why in failures
-        ]
-        return events
+                        reason=reason),
+            moved,
+            then=[AuditRecord(action="reencrypt", outcome=Outcome.FAILURE, actor=self._actor,
+                              tenant_id=tenants.get(cid), credential_id=cid,
+                              reason=f"{reason} {why}"[:64])
+                  for cid, why in failures],
+        )
 
 
 def _locked_chunk(conn: Connection, job_id: int, chunk_no: int) -> Any:
@@ -317,4 +385,4 @@ def _failure_summary(failures: list[tuple[str, str]]) -> str | None:
     return f"{len(failures)} row(s) failed: {', '.join(reasons)}"[:500]
 
 
-__all__ = ["ChunkOutcome", "ChunkProcessor", "is_retryable"]
+__all__ = ["ChunkOutcome", "ChunkProcessor", "PreparedChunk", "is_retryable"]
