@@ -20,6 +20,15 @@ from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, Settings
 from cuscred.errors import ConfigurationError
 
 ENV_PREFIX = "CUSCRED_"
+#: What a tenant id may be (cuscred.validation checks it; repeated here for the prefix check).
+_TENANT_ID_PATTERN = r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}"
+
+
+def tenant_prefix_pattern(template: str) -> re.Pattern[str]:
+    """A regex matching the start of every path some tenant's prefix (``template`` with
+    ``{tenant_id}`` filled in) covers."""
+    parts = template.split("{tenant_id}")
+    return re.compile(_TENANT_ID_PATTERN.join(re.escape(p) for p in parts))
 
 
 class Environment(StrEnum):
@@ -86,7 +95,7 @@ class Settings(BaseSettings):
 
     # Tenant key derivation for new tenant key generations.
     kdf: KdfName = KdfName.HKDF_SHA256
-    pbkdf2_iterations: int = Field(default=600_000, ge=100_000)
+    pbkdf2_iterations: int = Field(default=600_000, ge=100_000, le=100_000_000)
 
     # In-process caches of derived keys: bounded and short-lived.
     key_cache_size: int = Field(default=4096, ge=1)
@@ -179,6 +188,22 @@ class Settings(BaseSettings):
             # The default (a Vault on localhost) is a development convenience; production must
             # say where its KEK lives.
             raise ValueError("production needs CUSCRED_VAULT_ADDR set explicitly")
+        return self
+
+    @model_validator(mode="after")
+    def _no_tenant_prefix_covers_the_kek(self) -> Settings:
+        # vault:// references are read with the service's own Vault token, which can read the
+        # KEK: no tenant id may turn the prefix into a path above it (e.g. '{tenant_id}/' and
+        # a tenant named 'cuscred' against the KEK at secret/cuscred/kek).
+        if self.vault_kek_mount in self.ref_mounts and tenant_prefix_pattern(
+                self.vault_tenant_prefix).match(self.vault_kek_path.strip("/")):
+            raise ValueError(
+                "CUSCRED_VAULT_TENANT_PREFIX would put the KEK path "
+                "(CUSCRED_VAULT_KEK_MOUNT/CUSCRED_VAULT_KEK_PATH) inside a tenant's prefix for "
+                "some tenant id: give the prefix a fixed first segment (e.g. "
+                "'tenants/{tenant_id}/') or keep the KEK on a mount that is not in "
+                "CUSCRED_VAULT_REF_MOUNTS"
+            )
         return self
 
     @property

@@ -169,6 +169,13 @@ def check_vault_scope(ref: VaultRef, tenant_id: str, settings: Settings) -> None
     segments = ref.path.split("/")
     if len(segments) <= len(prefix) or segments[: len(prefix)] != prefix:
         raise ScopeError("vault path is outside this tenant's prefix")
+    # Checked after the prefix, so a tenant learns nothing about where the KEK lives. Settings
+    # refuse a prefix that could cover the KEK; this holds even for settings built
+    # without validation, since references are read with the token that can read the KEK.
+    kek_path = settings.vault_kek_path.strip("/")
+    if ref.mount == settings.vault_kek_mount and (
+            ref.path == kek_path or ref.path.startswith(kek_path + "/")):
+        raise ScopeError("vault path is reserved for the service's own keys")
 
 
 def check_env_scope(ref: EnvRef, settings: Settings) -> None:
