@@ -169,6 +169,13 @@ class KekUnavailableError(KeyManagementError):
     code = "kek_unavailable"
 
 
+class KekMismatchError(KekUnavailableError):
+    """A KEK version loaded, but it is not the key recorded for that version (its check value
+    differs): a wrong keyring or Vault path, or a replaced key. Never used to seal or verify."""
+
+    code = "kek_mismatch"
+
+
 class KeyStateError(KeyManagementError):
     """A key-version state change was refused (e.g. retiring a version rows still use)."""
 
@@ -220,6 +227,7 @@ __all__ = [
     "InvalidInputError",
     "InvalidSecretError",
     "InvalidTenantError",
+    "KekMismatchError",
     "KekUnavailableError",
     "KeyManagementError",
     "KeyStateError",

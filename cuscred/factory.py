@@ -111,7 +111,8 @@ def build_runtime(
     sessions = make_session_factory(engine)
     vault_kv = build_vault_kv(settings)
     keys = KeyManager(build_kek_source(settings, vault_kv), settings)
-    audit = AuditLog(AuditKeys(keys.kek, keys.cached_active_kek_version))
+    audit = AuditLog(AuditKeys(keys.kek, keys.cached_active_kek_version,
+                               lambda conn: keys.kek_states(conn, fresh=True)))
     runtime = Runtime(settings, engine, sessions, keys, audit, vault_kv)
     if preflight if preflight is not None else not settings.is_development:
         runtime.preflight()

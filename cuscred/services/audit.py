@@ -74,11 +74,19 @@ class AuditKeys:
     """Audit MAC keys derived from KEK versions, cached per version."""
 
     def __init__(
-        self, kek_for: Callable[[int], Kek], active_version: Callable[[Executor], int]
+        self, kek_for: Callable[[int], Kek], active_version: Callable[[Executor], int],
+        load_check_values: Callable[[Executor], object] | None = None,
     ) -> None:
         self._kek_for = kek_for
         self._active_version = active_version
+        self._load_check_values = load_check_values
         self._keys: dict[int, bytes] = {}
+
+    def prepare(self, conn: Executor) -> None:
+        """Learn the check values recorded for the KEK versions, so that a wrong key for an
+        old version is refused as a mismatch (not taken for tampering) by :meth:`for_version`."""
+        if self._load_check_values is not None:
+            self._load_check_values(conn)
 
     def active(self, conn: Executor) -> tuple[int, bytes]:
         version = self._active_version(conn)
@@ -110,11 +118,16 @@ def _field(value: object) -> bytes:
     microseconds (every timestamp here is UTC-aware: see ``UtcDateTime``)."""
     if value is None:
         return _NONE
-    if isinstance(value, datetime):
+    if isinstance(value, str):
+        # The characters themselves, as the driver stores them: str() of a str subclass (a
+        # str-valued Enum) may print something else, and the MAC would never verify.
+        data = str.encode(value)
+    elif isinstance(value, datetime):
         if value.utcoffset() != _ZERO:
             value = value.astimezone(UTC)
-        value = value.isoformat(timespec="microseconds")
-    data = str(value).encode()
+        data = value.isoformat(timespec="microseconds").encode()
+    else:
+        data = str(int(value) if isinstance(value, int) else value).encode()
     return _LEN.pack(len(data)) + data
 
 

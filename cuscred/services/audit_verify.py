@@ -15,7 +15,7 @@ from typing import Any
 from sqlalchemy import Connection, select
 
 from cuscred.db.models import AUDIT_EVENTS
-from cuscred.errors import ConfigurationError, CuscredError, CuscredTypeError
+from cuscred.errors import ConfigurationError, CuscredError, CuscredTypeError, KekMismatchError
 from cuscred.services.audit import GENESIS_MAC, AuditKeys, compute_mac
 
 _TABLE = AUDIT_EVENTS
@@ -52,6 +52,7 @@ def verify_chain(
     cannot be read, Vault down) instead of calling the chain broken: that is not the chain's
     fault. A KEK version that is gone (deleted in Vault) makes its rows "unverifiable".
     """
+    keys.prepare(conn)
     # A server-side cursor on PostgreSQL: the chain may hold millions of rows.
     rows = conn.execution_options(stream_results=True, yield_per=batch).execute(
         select(*(_TABLE.c[f] for f in _FIELDS)).order_by(_TABLE.c.seq)
@@ -78,8 +79,10 @@ def verify_chain(
         except CuscredError as exc:
             if exc.retryable:
                 raise
+            why = ("is not the key recorded for it: wrong keyring or Vault path"
+                   if isinstance(exc, KekMismatchError) else f"unavailable ({exc.code})")
             return _broken("unverifiable", row["seq"], checked, prev_seq, prev_mac,
-                           f"KEK version {row['key_version']} unavailable ({exc.code})")
+                           f"KEK version {row['key_version']} {why}")
         if compute_mac(key, prev_mac, row) != row["mac"]:
             pending = row
             continue

@@ -37,7 +37,7 @@ from cuscred.errors import (
     ConfigurationError,
     DecryptionError,
     InvalidInputError,
-    KekUnavailableError,
+    KekMismatchError,
     KeyStateError,
 )
 from cuscred.kek.source import KekSource
@@ -153,7 +153,7 @@ class KeyManager:
             kek = self.source.get(version)
             recorded = self._check_values.get(version)
             if recorded is not None and not hmac.compare_digest(recorded, check_value(kek)):
-                raise KekUnavailableError(
+                raise KekMismatchError(
                     f"KEK version {version} from the {self.source.kind} source is not the key "
                     "recorded for that version (check value differs): wrong keyring or Vault "
                     "path, or the key was replaced"
@@ -170,7 +170,18 @@ class KeyManager:
             with self._lock:
                 self._states, self._states_read_at = states, now
                 self._check_values.update({int(v): c for v, _, c in rows if c})
+                self._forget_unchecked_keks()
         return self._states
+
+    def _forget_unchecked_keks(self) -> None:
+        """Drop cached KEKs (and keys derived from them) that do not match a check value
+        learnt since they were loaded: the next use reloads and refuses them. Holds the lock."""
+        for version, kek in list(self._keks.items()):
+            recorded = self._check_values.get(version)
+            if recorded is not None and not hmac.compare_digest(recorded, check_value(kek)):
+                del self._keks[version]
+                for cache_key in [k for k in self._tenant_keys if k[2] == version]:
+                    del self._tenant_keys[cache_key]
 
     def active_kek_version(self, conn: Executor, *, fresh: bool = True) -> int:
         """The version new ciphertexts use. Adopts the source's newest version on first use."""
@@ -300,6 +311,7 @@ class KeyManager:
         with self._lock:
             key = self._tenant_keys.get(cache_key)
         if key is None:
+            self.kek_states(conn)  # the recorded check values, before any KEK is loaded
             params = self.tenant_params(conn, tenant_id, generation)
             key = derive_tenant_key(
                 self.kek(kek_version), tenant_id=tenant_id, generation=generation,
