@@ -27,6 +27,9 @@ from cuscred.errors import InvalidInputError
 
 MIN_SALT_BYTES = 16
 MIN_PBKDF2_ITERATIONS = 100_000
+#: ~20 s per derivation here: above it a stored count is a damaged (or hostile) row, which
+#: would stall every process touching the tenant (and, on SQLite, hold the write lock).
+MAX_PBKDF2_ITERATIONS = 100_000_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,9 +41,11 @@ class KdfParams:
 
     def __post_init__(self) -> None:
         if self.name is KdfName.PBKDF2_SHA256:
-            if self.iterations is None or self.iterations < MIN_PBKDF2_ITERATIONS:
+            if self.iterations is None or not (
+                    MIN_PBKDF2_ITERATIONS <= self.iterations <= MAX_PBKDF2_ITERATIONS):
                 raise InvalidInputError(
-                    f"pbkdf2-sha256 needs at least {MIN_PBKDF2_ITERATIONS} iterations"
+                    f"pbkdf2-sha256 needs {MIN_PBKDF2_ITERATIONS:,} to "
+                    f"{MAX_PBKDF2_ITERATIONS:,} iterations"
                 )
         elif self.iterations is not None:
             raise InvalidInputError("hkdf-sha256 takes no iteration count")
@@ -89,4 +94,7 @@ def _derive(ikm: bytes, salt: bytes, info: bytes, params: KdfParams) -> bytes:
     ).derive(ikm)
 
 
-__all__ = ["MIN_SALT_BYTES", "KdfParams", "derive_tenant_key", "parse_kdf_name", "tenant_info"]
+__all__ = [
+    "MAX_PBKDF2_ITERATIONS", "MIN_SALT_BYTES", "KdfParams", "derive_tenant_key",
+    "parse_kdf_name", "tenant_info",
+]

@@ -321,6 +321,9 @@ class ChunkProcessor:
             except KekUnavailableError:
                 failures.append((row.credential_id, f"kek_v{row.kek_version}_unavailable"))
                 continue
+            if row.active_generation is None:  # decrypts, but has no key to move to
+                failures.append((row.credential_id, "no_active_key_generation"))
+                continue
             key = keys.tenant_key(conn, row.tenant_id, row.active_generation, target_kek)
             sealed = seal_with(key, plaintext, credential_id=row.credential_id, context=context)
             resealed.append(Reseal(

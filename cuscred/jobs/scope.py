@@ -1,7 +1,9 @@
 """Which credentials a job still has to move: the one definition of "stale".
 
 A row is stale for a job when it is in the job's scope (all tenants, or one) and either its KEK
-version is not the job's target or its tenant key generation is not the tenant's active one.
+version is not the job's target or its tenant key generation is not the tenant's active one (or
+the tenant has none, which only a damaged ``tenant_keys`` table shows: such rows are failed by
+the chunk, never left out of the counts).
 Rows a job already recorded as failed are left out, so a sweep-up pass does not count them
 twice. Everything is computed from the indexed header-version columns: nothing is decrypted.
 """
@@ -28,7 +30,10 @@ ROW_COLUMNS = (
 
 def _stale(job_id: int, target_kek: int, tenant_id: str | None) -> Any:
     clauses = [
-        or_(_C.c.kek_version != target_kek, _C.c.key_generation != _T.c.generation),
+        # A tenant with no active generation (a damaged tenant_keys row) has NULL here: its
+        # rows are stale too, so a chunk records them as failed instead of never seeing them.
+        or_(_C.c.kek_version != target_kek, _C.c.key_generation != _T.c.generation,
+            _T.c.generation.is_(None)),
         ~exists().where(_F.c.job_id == job_id, _F.c.credential_id == _C.c.credential_id),
     ]
     if tenant_id is not None:
@@ -37,7 +42,7 @@ def _stale(job_id: int, target_kek: int, tenant_id: str | None) -> Any:
 
 
 def _joined(query: Select[Any]) -> Select[Any]:
-    return query.join(
+    return query.outerjoin(
         _T, and_(_T.c.tenant_id == _C.c.tenant_id, _T.c.state == KeyState.ACTIVE)
     )
 
