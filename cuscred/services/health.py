@@ -21,6 +21,7 @@ from cuscred.db.migrate import current_and_head
 from cuscred.db.models import KeyState
 from cuscred.errors import ConfigurationError, CuscredError
 from cuscred.services.audit_verify import verify_chain
+from cuscred.services.key_history import state_mismatches
 
 if TYPE_CHECKING:
     from cuscred.factory import Runtime
@@ -192,6 +193,20 @@ def check_vault(runtime: Runtime) -> Check:
                                 f"version {status.version}")
 
 
+def check_key_states(runtime: Runtime) -> Check:
+    """The KEK version states against the history the audit trail records for them."""
+    try:
+        with runtime.engine.connect() as conn:
+            if not inspect(conn).has_table("kek_versions"):
+                return Check("key_states", False, "no schema yet: run `cuscred db upgrade`")
+            mismatches = state_mismatches(conn)
+    except SQLAlchemyError as exc:
+        return Check("key_states", False, f"could not check: database {type(exc).__name__}")
+    if mismatches:
+        return Check("key_states", False, "changed outside cuscred: " + "; ".join(mismatches))
+    return Check("key_states", True, "every KEK version's state matches the audit trail")
+
+
 def run_checks(runtime: Runtime) -> list[Check]:
     """Every check, in the order an operator would fix them."""
     settings = runtime.settings
@@ -202,6 +217,7 @@ def run_checks(runtime: Runtime) -> list[Check]:
         check_vault(runtime),
         check_kek_versions(runtime),
         check_audit_chain(runtime),
+        check_key_states(runtime),
         check_broker(settings),
     ]
 
@@ -211,6 +227,7 @@ __all__ = [
     "check_audit_chain",
     "check_broker",
     "check_kek_versions",
+    "check_key_states",
     "check_schema",
     "check_vault",
     "kek_version_problems",
