@@ -67,7 +67,8 @@ def test_a_healthy_installation_passes_every_check(
     _store(runtime)
     checks = {c.name: c for c in run_checks(runtime)}
     assert all(c.ok for c in checks.values()), checks
-    assert set(checks) == {"settings", "schema", "vault", "kek_versions", "audit_chain", "broker"}
+    assert set(checks) == {"settings", "schema", "vault", "kek_versions", "audit_chain",
+                           "key_states", "broker"}
     assert checks["kek_versions"].detail == "every version in use loads (v1: 3)"
     code, report = _doctor(database, keyring)
     assert code == 0 and report["ok"] is True
@@ -137,6 +138,7 @@ def test_a_database_without_the_schema(tmp_path: Path, keyring: LocalKeyring) ->
     assert failed == {
         "schema": f"database at revision none, migrations at {head}: run `cuscred db upgrade`",
         "audit_chain": "no schema yet: run `cuscred db upgrade`",
+        "key_states": "no schema yet: run `cuscred db upgrade`",
     }
     runtime.engine.dispose()
 

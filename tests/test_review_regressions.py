@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from sqlalchemy import text, update
 
-from cuscred.config import Settings
+from cuscred.config import KdfName, Settings
 from cuscred.db.models import AUDIT_EVENTS, CREDENTIALS
 from cuscred.errors import (
     ConfigurationError,
@@ -181,7 +181,7 @@ def test_d9_replaced_keyring_is_named_not_reported_as_tampering(runtime: Runtime
     with fresh.engine.connect() as conn:
         report = verify_chain(conn, fresh.audit.keys)
     assert (report.problem, report.problem_seq) == ("unverifiable", 1)
-    assert "KEK version 1 unavailable" in (report.detail or "")
+    assert "KEK version 1 is not the key recorded for it" in (report.detail or "")
 
 
 def test_d11_tenant_with_trailing_newline_is_not_written_to_the_audit(runtime: Runtime) -> None:
@@ -249,3 +249,164 @@ def test_cross_tenant_describe_is_audited_as_denied(runtime: Runtime) -> None:
         row = conn.execute(text(
             "SELECT action, outcome, reason FROM audit_events ORDER BY seq DESC LIMIT 1")).one()
     assert tuple(row) == ("describe", "denied", "cross_tenant")
+
+
+# --- second review (2026-12-04): each test names what the reviewer did -----------------------
+
+
+@pytest.mark.parametrize("prefix", ["{tenant_id}/", "cus{tenant_id}/"])
+def test_r2a_no_tenant_prefix_may_cover_the_kek(prefix: str) -> None:
+    """'{tenant_id}/' and a tenant named 'cuscred' reached secret/cuscred/kek with the
+    service's own token (so did 'cus{tenant_id}/' and a tenant 'cred'): such settings are
+    refused, naming the fix."""
+    with pytest.raises(ConfigurationError, match="KEK path"):
+        Settings.from_env({"CUSCRED_VAULT_TENANT_PREFIX": prefix})
+    # The same prefix is fine where the KEK does not live on a reference mount.
+    Settings.from_env({"CUSCRED_VAULT_TENANT_PREFIX": prefix,
+                       "CUSCRED_VAULT_REF_MOUNTS": "tenants"})
+
+
+def test_r2a_a_reference_to_the_kek_path_is_refused_even_with_unchecked_settings() -> None:
+    from cuscred.errors import ScopeError
+    from cuscred.references import check_vault_scope, parse_reference
+
+    # model_copy does not validate: the guard in check_vault_scope must hold on its own.
+    settings = Settings.from_env({}).model_copy(
+        update={"vault_tenant_prefix": "{tenant_id}/"})
+    for ref in ("vault://secret/cuscred/kek#key", "vault://secret/cuscred/kek/x#key",
+                "vault://secret/cuscred/kek?version=1#key"):
+        with pytest.raises(ScopeError, match="reserved"):
+            check_vault_scope(parse_reference(ref), "cuscred", settings)  # type: ignore[arg-type]
+    check_vault_scope(parse_reference("vault://secret/cuscred/other#k"),  # type: ignore[arg-type]
+                      "cuscred", settings)
+
+
+def _wrong_keyring(path: Path) -> Path:
+    """A keyring file whose version 1 is another key (a copy from another installation)."""
+    wrong = path.with_name("wrong-keyring.json")
+    LocalKeyring.create(wrong)
+    return wrong
+
+
+def test_r2b_a_wrong_key_for_the_active_version_is_refused_on_write(
+    runtime: Runtime, keyring: LocalKeyring
+) -> None:
+    """With another key in the keyring under the active version's number, `put` used to
+    succeed and seal credentials no one could read (and audit rows that never verify)."""
+    from cuscred.errors import KekMismatchError
+
+    svc = runtime.credential_service()
+    ref = svc.encrypt_credential("tenant-a", SECRET)  # registers v1 with its check value
+    wrong = _wrong_keyring(keyring.path)
+    other = build_runtime(runtime.settings.model_copy(update={"keyring_path": wrong}),
+                          engine=runtime.engine)
+    before = _count(runtime, "credentials"), _count(runtime, "audit_events")
+    with pytest.raises(KekMismatchError, match="check value differs"):
+        other.credential_service().encrypt_credential("tenant-b", SECRET + "b")
+    with pytest.raises(KekMismatchError):
+        other.credential_service().resolve_credential("tenant-a", ref)
+    assert _count(runtime, "credentials") == before[0]
+    with runtime.engine.connect() as conn:
+        report = verify_chain(conn, runtime.audit.keys)
+    assert report.ok, report  # only the failed attempts were added, under the right key
+    # And the wrong keyring's verify names the key, not tampering.
+    with runtime.engine.connect() as conn:
+        report = verify_chain(conn, other.audit.keys)
+    assert (report.ok, report.problem, report.problem_seq) == (False, "unverifiable", 1)
+    assert "not the key recorded" in (report.detail or "")
+
+
+def _count(runtime: Runtime, table: str) -> int:
+    with runtime.engine.connect() as conn:
+        return int(conn.execute(text(f"SELECT COUNT(*) FROM {table}")).scalar_one())
+
+
+def test_r2c_a_str_subclass_tenant_or_actor_keeps_the_chain_verifiable(
+    runtime: Runtime,
+) -> None:
+    """A str-valued Enum as tenant id was stored as 'acme' but MAC'd as 'Tenant.ACME'."""
+    from enum import Enum
+
+    class Tenant(str, Enum):  # noqa: UP042  (StrEnum prints its value: no bug to show)
+        ACME = "acme"
+
+    class Actor(str, Enum):  # noqa: UP042
+        API = "admin-api"
+
+    svc = runtime.credential_service()
+    ref = svc.encrypt_credential(Tenant.ACME, SECRET, actor=Actor.API)  # type: ignore[arg-type]
+    assert svc.resolve_credential(Tenant.ACME, ref) == SECRET  # type: ignore[arg-type]
+    with runtime.engine.connect() as conn:
+        assert verify_chain(conn, runtime.audit.keys).ok
+        rows = conn.execute(text("SELECT DISTINCT tenant_id, actor FROM audit_events "
+                                 "WHERE tenant_id IS NOT NULL")).all()
+    assert {tuple(r) for r in rows} >= {("acme", "admin-api")}
+
+
+def test_r2d_rows_of_a_tenant_without_an_active_generation_are_failed_not_skipped(
+    runtime: Runtime,
+) -> None:
+    """A tenant_keys row edited to decrypt_only left that tenant's rows out of the job, which
+    then reported 'completed, failed 0' with rows still on the old KEK."""
+    from cuscred.db.models import TENANT_KEYS
+
+    svc = runtime.credential_service()
+    for i in range(3):
+        svc.encrypt_credential("tenant-a", SECRET + str(i))
+        svc.encrypt_credential("tenant-b", SECRET + str(i))
+    with runtime.engine.begin() as conn:
+        conn.execute(update(TENANT_KEYS).where(TENANT_KEYS.c.tenant_id == "tenant-b")
+                     .values(state="decrypt_only"))
+    job_id, _ = runtime.rotation().rotate_kek(requested_by="review")
+    with runtime.engine.connect() as conn:
+        job = conn.execute(text(f"SELECT status, total, done, skipped, failed FROM rotation_jobs "
+                                f"WHERE id = {job_id}")).one()
+        reasons = conn.execute(text("SELECT reason FROM rotation_failures")).scalars().all()
+    assert tuple(job) == ("completed_with_errors", 6, 3, 0, 3)
+    assert reasons == ["no_active_key_generation"] * 3
+    with pytest.raises(KeyStateError, match="still used by 3"):
+        runtime.key_admin().retire(1)
+
+
+def test_r2d_a_stored_pbkdf2_count_out_of_range_is_refused_not_run(runtime: Runtime) -> None:
+    """iterations=2,000,000,000 on a tenant_keys row made resolve hang (holding SQLite's
+    write lock); such a row is damaged data: DecryptionError at once."""
+    from cuscred.crypto.kdf import MAX_PBKDF2_ITERATIONS, KdfParams
+    from cuscred.db.models import TENANT_KEYS
+
+    with pytest.raises(InvalidInputError):
+        KdfParams(KdfName.PBKDF2_SHA256, MAX_PBKDF2_ITERATIONS + 1)
+    svc = runtime.credential_service()
+    ref = svc.encrypt_credential("tenant-a", SECRET)
+    with runtime.engine.begin() as conn:
+        conn.execute(update(TENANT_KEYS).values(kdf="pbkdf2-sha256", iterations=2_000_000_000))
+    fresh = _other_process(runtime).credential_service()  # no cached key
+    started = time.monotonic()
+    with pytest.raises(DecryptionError):
+        fresh.resolve_credential("tenant-a", ref)
+    assert time.monotonic() - started < 30  # a hang, not a timing target
+    with pytest.raises(ConfigurationError):
+        Settings.from_env({"CUSCRED_PBKDF2_ITERATIONS": str(MAX_PBKDF2_ITERATIONS + 1)})
+
+
+def test_r2d_a_retired_kek_made_active_again_in_the_table_is_reported(
+    runtime: Runtime,
+) -> None:
+    """Two UPDATEs revived retired v1 (new credentials sealed under it) and doctor said ok.
+    The audit trail's kek_state events say what the states must be."""
+    from cuscred.db.models import KEK_VERSIONS
+    from cuscred.services.health import check_key_states
+
+    runtime.credential_service().encrypt_credential("tenant-a", SECRET)
+    runtime.rotation().rotate_kek(requested_by="review")
+    runtime.key_admin().retire(1)
+    assert check_key_states(runtime).ok
+    with runtime.engine.begin() as conn:
+        conn.execute(update(KEK_VERSIONS).where(KEK_VERSIONS.c.version == 2)
+                     .values(state="decrypt_only"))
+        conn.execute(update(KEK_VERSIONS).where(KEK_VERSIONS.c.version == 1)
+                     .values(state="active"))
+    check = check_key_states(runtime)
+    assert not check.ok
+    assert "v1: the table says active, the audit trail retired" in check.detail
+    assert "v2: the table says decrypt_only, the audit trail active" in check.detail

@@ -132,11 +132,16 @@ def vars_of(obj: object) -> dict[str, object]:
 
 @keys_app.command("create")
 def keys_create(ctx: typer.Context) -> None:
-    """Write a new KEK version to the source and record it decrypt_only (rotation step 1)."""
+    """Write a new KEK version to the source and record it decrypt_only (rotation step 1);
+    on a fresh installation the first version is active at once."""
     st = state(ctx)
     with handled():
-        version = st.runtime.key_admin(actor=st.actor).create_version()
-    err_console.print(f"KEK version {version} created (decrypt_only); promote it next")
+        admin = st.runtime.key_admin(actor=st.actor)
+        version = admin.create_version()
+        active = any(v.version == version and v.state == KeyState.ACTIVE
+                     for v in admin.status(per_tenant=False).kek_versions)
+    err_console.print(f"KEK version {version} created (active: the first version)" if active
+                      else f"KEK version {version} created (decrypt_only); promote it next")
     out_console.print(str(version))
 
 

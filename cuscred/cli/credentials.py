@@ -127,7 +127,8 @@ def shred_tenant(
     tenant: Annotated[str, typer.Argument(help="Tenant to crypto-shred.")],
     yes: Annotated[bool, typer.Option("--yes", help="Do not ask for confirmation.")] = False,
 ) -> None:
-    """Crypto-shred a tenant: delete its key generations and every credential."""
+    """Crypto-shred a tenant: delete every credential and wipe the salts of its key generations
+    (kept as retired rows, so a returning tenant id never reuses a generation number)."""
     if not yes and not typer.confirm(f"Destroy every credential of tenant {tenant}?"):
         raise typer.Exit(1)
     st = state(ctx)
