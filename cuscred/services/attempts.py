@@ -96,10 +96,13 @@ class AttemptRecorder:
         Database errors are turned into :class:`StorageError` (with parameters hidden by the
         engine, so no SQL value reaches a message) before being audited.
         """
-        tenant = (tenant_id if isinstance(tenant_id, str) and _SAFE_TENANT.fullmatch(tenant_id)
-                  else None)
+        # Plain str copies: a str subclass (a str-valued Enum, say) can print as something
+        # else than the characters the database stores, and the audit MAC covers the text.
+        tenant = (str.__str__(tenant_id) if isinstance(tenant_id, str)
+                  and _SAFE_TENANT.fullmatch(tenant_id) else None)
         good_actor = isinstance(actor, str) and _SAFE_ACTOR.fullmatch(actor) is not None
-        attempt = Attempt(action=action, actor=actor if good_actor else "<invalid actor>",
+        attempt = Attempt(action=action,
+                          actor=str.__str__(actor) if good_actor else "<invalid actor>",
                           tenant_id=tenant)
         self._identify(attempt, reference)
         try:
