@@ -90,6 +90,9 @@ class StateCollector(Collector):
         yield from families
 
     def _read(self) -> Iterator[Metric]:
+        # Imported here: the job views reach the audit log, which counts its failures here.
+        from cuscred.jobs.views import query_jobs
+
         started = time.perf_counter()
         c, kv, j = CREDENTIALS.c, KEK_VERSIONS.c, ROTATION_JOBS.c
         with self._engine.connect() as conn:
@@ -98,10 +101,9 @@ class StateCollector(Collector):
                 .group_by(c.kek_version, c.key_generation)
             ).all()
             versions = conn.execute(select(kv.version, kv.state, kv.activated_at)).all()
-            jobs = conn.execute(
-                select(j.id, j.kind, j.status, j.total, j.done, j.skipped, j.failed)
-                .where(j.status.in_(_JOB_STATES))
-            ).all()
+            # Sums over committed chunks: the job row's own counts are written only when the
+            # job ends, so they would read 0 for the whole of a running job.
+            jobs = query_jobs(conn, j.status.in_(_JOB_STATES))
         credentials = GaugeMetricFamily(
             "cuscred_credentials", "Stored credentials by the KEK version and tenant key "
             "generation in their header (from the indexed columns, nothing decrypted).",
@@ -126,12 +128,14 @@ class StateCollector(Collector):
         rows = GaugeMetricFamily("cuscred_job_rows", "Rows of each unfinished re-encryption "
                                  "job, by what happened to them.",
                                  labels=["job_id", "kind", "status", "rows"])
-        for job_id, kind, status, total, done, skipped, failed in jobs:
-            for name, value in (("total", total), ("done", done), ("skipped", skipped),
-                                ("failed", failed)):
-                rows.add_metric([str(job_id), str(kind), str(status), name], value or 0)
+        for job in jobs:
+            # "total" is the planned row count while the job runs (what the chunks were cut
+            # from); done + skipped + failed reaches it as the last chunk commits.
+            for name, value in (("total", job.rows_total), ("done", job.done),
+                                ("skipped", job.skipped), ("failed", job.failed)):
+                rows.add_metric([str(job.id), str(job.kind), str(job.status), name], value)
         yield rows
-        running = GaugeMetricFamily("cuscred_jobs_running", "Jobs pending or running.")
+        running = GaugeMetricFamily("cuscred_jobs_running", "Jobs running (not pending ones).")
         running.add_metric([], sum(1 for job in jobs if job.status == JobStatus.RUNNING))
         yield running
         took = GaugeMetricFamily("cuscred_state_query_seconds",

@@ -19,6 +19,7 @@ from typer.testing import CliRunner
 from cuscred.cli import app
 from cuscred.errors import AuditWriteError, DecryptionError, KekUnavailableError
 from cuscred.factory import Runtime
+from cuscred.jobs.service import RotationService
 from cuscred.metrics import render
 from tests.conftest import Database
 from tests.worker_fixtures import Stack, assert_no_secrets, free_port, seed, wait_for
@@ -65,6 +66,40 @@ def test_state_metrics_count_without_decrypting(runtime: Runtime) -> None:
     labels = " ".join(str(k) for k in _samples(exposition))
     assert "tenant-" not in labels and "encrypted://" not in labels
     assert_no_secrets({"metrics": exposition}, [SECRET])
+
+
+def test_job_progress_is_read_from_committed_chunks_while_the_job_runs(
+    runtime: Runtime,
+) -> None:
+    """A running job's row counts are written only when it ends; the metric must show the
+    chunks committed so far, as `cuscred jobs` does."""
+    svc = runtime.credential_service()
+    for i in range(120):
+        svc.encrypt_credential(f"tenant-{i % 4}", SECRET + str(i))
+    rotation = RotationService(runtime.engine, runtime.keys, runtime.audit,
+                               runtime.settings.model_copy(update={"chunk_size": 50}),
+                               _NoRunner())
+    job_id, _ = rotation.rotate_kek(requested_by="metrics-test")
+    rotation.advance_rotation(job_id)
+    rotation.start_reencryption(job_id)
+
+    def rows(exposition: str) -> dict[str, float]:
+        return {dict(labels)["rows"]: v for (name, labels), v in _samples(exposition).items()
+                if name == "cuscred_job_rows" and dict(labels)["job_id"] == str(job_id)}
+
+    assert rows(render(runtime.engine).decode()) == {
+        "total": 120, "done": 0, "skipped": 0, "failed": 0}
+    assert rotation.reencrypt_chunk(job_id, 1).done == 50
+    exposition = render(runtime.engine).decode()
+    assert rows(exposition) == {"total": 120, "done": 50, "skipped": 0, "failed": 0}
+    assert _value(exposition, "cuscred_jobs_running") == 1
+    for chunk_no in (2, 3):
+        rotation.reencrypt_chunk(job_id, chunk_no)
+    rotation.finalize_job(job_id)
+    # Finished jobs leave the gauge: it covers unfinished jobs only.
+    exposition = render(runtime.engine).decode()
+    assert rows(exposition) == {}
+    assert _value(exposition, "cuscred_jobs_running") == 0
 
 
 class _NoRunner:

@@ -198,7 +198,8 @@ _JOB_COLUMNS = ("id", "kind", "status", "tenant_id", "target_kek_version", "targ
                 "requested_by", "created_at", "started_at", "finished_at", "last_error", "passes")
 
 
-def _query_jobs(conn: Connection, *where: Any, limit: int | None = None) -> list[JobView]:
+def query_jobs(conn: Connection, *where: Any, limit: int | None = None) -> list[JobView]:
+    """Jobs matching ``where`` (newest first) with their chunk sums, on ``conn``."""
     sums = _chunk_sums()
     query = (
         select(*(_J.c[name] for name in _JOB_COLUMNS),
@@ -222,13 +223,13 @@ def list_jobs(engine: Engine, *, limit: int = 20, status: str | None = None) -> 
     """The newest ``limit`` jobs (optionally only those in ``status``), newest first."""
     where = [] if status is None else [_J.c.status == status]
     with engine.connect() as conn:
-        return _query_jobs(conn, *where, limit=limit)
+        return query_jobs(conn, *where, limit=limit)
 
 
 def get_job(engine: Engine, job_id: int) -> JobView | None:
     """One job's progress, or ``None`` if there is no such job. Cheap enough to poll."""
     with engine.connect() as conn:
-        found = _query_jobs(conn, _J.c.id == job_id)
+        found = query_jobs(conn, _J.c.id == job_id)
     return found[0] if found else None
 
 
@@ -238,7 +239,7 @@ def job_detail(
     """A job with its chunk summary and the credentials it could not move (ids and reasons:
     credential ids are not secret). ``failures_limit=None`` lists every failure."""
     with engine.connect() as conn:
-        found = _query_jobs(conn, _J.c.id == job_id)
+        found = query_jobs(conn, _J.c.id == job_id)
         if not found:
             return None
         chunks = _chunk_summary(conn, job_id)
