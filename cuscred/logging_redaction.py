@@ -1,9 +1,10 @@
 """A logging filter that redacts anything shaped like a secret, as a second line of defence.
 
 The first line is that no code of ours puts a secret in a log call, an exception or a task
-argument (the leak-scan tests check it). This filter catches what a third-party library might
-log: provider key shapes, PEM private keys, Vault tokens and bearer headers. It rewrites the
-record's message (and formatted traceback) before any handler sees it.
+argument (the leak-scan tests check it, and fail if this filter ever had to act). It catches
+what a third-party library might log: provider key shapes (Azure's bare 32 hex digits
+included), PEM private keys, Vault tokens and bearer headers. It rewrites the record's message
+(and formatted traceback) before any handler sees it.
 """
 
 from __future__ import annotations
@@ -19,10 +20,11 @@ _PATTERNS = [
     re.compile(r"\bsk-[A-Za-z0-9_\-]{20,}"),
     re.compile(r"\bAIza[0-9A-Za-z_\-]{20,}"),
     re.compile(r"\b(?:AKIA|ASIA)[A-Z0-9]{16}\b"),
+    re.compile(r"\b[0-9a-f]{32}\b"),  # Azure OpenAI keys: 32 hex digits, nothing else
     re.compile(r"\b(?:hvs|hvb|hvr|s|b|r)\.[A-Za-z0-9_\-]{20,}"),  # Vault / OpenBao tokens
     re.compile(r"(?i)(authorization|x-vault-token)([\"']?\s*[:=]\s*[\"']?)[^\s\"',}]+"),
-    re.compile(r"(?i)(secret_access_key|private_key|secret_id|password)([\"']?\s*[:=]\s*[\"']?)"
-               r"[^\s\"',}]+"),
+    re.compile(r"(?i)(secret_access_key|private_key(?:_id)?|secret_id|password)"
+               r"([\"']?\s*[:=]\s*[\"']?)[^\s\"',}]+"),
 ]
 
 

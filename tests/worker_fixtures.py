@@ -55,6 +55,7 @@ from cuscred.jobs.celery_runner import CeleryRunner
 from cuscred.jobs.control import JobControl
 from cuscred.jobs.finalize import FINAL
 from cuscred.kek.local import LocalKeyring
+from cuscred.logging_redaction import REDACTED
 from cuscred.masking import PUBLIC_JSON_FIELDS
 from cuscred.providers import parse_json_object
 from cuscred.services.sealing import context_from_json, open_row
@@ -518,6 +519,10 @@ def assert_no_secrets(
     for name, body in texts.items():
         if any(kek in body for kek in keks):
             pytest.fail(f"KEK material in {name}")  # (not an assert: it would print the key)
+        if REDACTED in body:
+            # The worker's and the CLI's filter is the second line of defence: it must never
+            # have had to act, or something of ours logged a secret-shaped value.
+            pytest.fail(f"the redaction filter rewrote a line in {name}")
         pieces.update(body[i:i + window] for i in range(len(body) - window + 1))
     public = _public_pieces(window)
     for plaintext in (part for p in plaintexts for part in secret_parts(p)):
