@@ -7,16 +7,18 @@ from __future__ import annotations
 
 import json
 import urllib.request
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import pytest
 from prometheus_client import REGISTRY
 from prometheus_client.parser import text_string_to_metric_families
-from sqlalchemy import text
+from sqlalchemy import select, text
 from typer.testing import CliRunner
 
 from cuscred.cli import app
+from cuscred.db.models import KEK_VERSIONS
 from cuscred.errors import AuditWriteError, DecryptionError, KekUnavailableError
 from cuscred.factory import Runtime
 from cuscred.jobs.service import RotationService
@@ -50,7 +52,12 @@ def test_state_metrics_count_without_decrypting(runtime: Runtime) -> None:
     svc.rotate_credential("tenant-1", refs[1], SECRET + "-rotated")  # onto v2 as well
     runtime.rotation(_NoRunner()).reencrypt(requested_by="metrics-test")  # a pending job
 
+    with runtime.engine.connect() as conn:
+        activated = conn.execute(select(KEK_VERSIONS.c.activated_at).where(
+            KEK_VERSIONS.c.state == "active")).scalar_one()  # UTC-aware (UtcDateTime)
+    before = (datetime.now(UTC) - activated).total_seconds()
     exposition = render(runtime.engine).decode()
+    after = (datetime.now(UTC) - activated).total_seconds()
     assert _value(exposition, "cuscred_state_up") == 1
     assert _value(exposition, "cuscred_credentials", kek_version="1", key_generation="1") == 6
     assert _value(exposition, "cuscred_credentials", kek_version="2", key_generation="1") == 2
@@ -58,7 +65,7 @@ def test_state_metrics_count_without_decrypting(runtime: Runtime) -> None:
                   state="decrypt_only") == 1
     assert _value(exposition, "cuscred_kek_version_state", kek_version="2", state="active") == 1
     age = _value(exposition, "cuscred_active_kek_age_seconds")
-    assert age is not None and 0 <= age < 60
+    assert age is not None and before <= age <= after  # seconds since v2 was promoted
     job_rows = {dict(labels)["rows"]: v for (name, labels), v in _samples(exposition).items()
                 if name == "cuscred_job_rows"}
     assert set(job_rows) == {"total", "done", "skipped", "failed"}

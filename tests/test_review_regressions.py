@@ -381,10 +381,8 @@ def test_r2d_a_stored_pbkdf2_count_out_of_range_is_refused_not_run(runtime: Runt
     with runtime.engine.begin() as conn:
         conn.execute(update(TENANT_KEYS).values(kdf="pbkdf2-sha256", iterations=2_000_000_000))
     fresh = _other_process(runtime).credential_service()  # no cached key
-    started = time.monotonic()
-    with pytest.raises(DecryptionError):
+    with pytest.raises(DecryptionError):  # refused before deriving (hours at that count)
         fresh.resolve_credential("tenant-a", ref)
-    assert time.monotonic() - started < 30  # a hang, not a timing target
     with pytest.raises(ConfigurationError):
         Settings.from_env({"CUSCRED_PBKDF2_ITERATIONS": str(MAX_PBKDF2_ITERATIONS + 1)})
 
