@@ -85,6 +85,11 @@ def test_kek_rotate_wait_end_to_end(cli_env: dict[str, str], seeded: Any) -> Non
     assert detail["chunks"]["by_status"] == {"done": N // CHUNK}
     assert detail["chunks"]["attempts"] == N // CHUNK and detail["chunks"]["crashes"] == 0
     assert detail["failure_count"] == 0 and detail["failures"] == []
+    # The census recorded as the job completed: every row on the new version.
+    assert detail["job"]["census"] == [
+        {"kek_version": 2, "key_generation": 1, "credentials": N}]
+    code, out, _ = run(cli_env, "jobs", "show", str(job_id))
+    assert code == 0 and f"KEK v2 gen 1: {N:,}" in out
     code, out, _ = run(cli_env, "jobs")
     assert code == 0 and "kek_rotation" in out and f"{N:,}" in out and "100%" in out
     assert run(cli_env, "keys", "retire", "1")[0] == 0
@@ -125,6 +130,8 @@ def test_rekey_moves_one_tenant_to_a_new_generation(cli_env: dict[str, str], see
     job = run_json(cli_env, "rekey", tenant, "--wait")
     assert (job["kind"], job["status"], job["tenant_id"]) == ("tenant_rekey", "completed", tenant)
     assert (job["target_generation"], job["done"]) == (2, mine)
+    # A tenant's job records the census of its own scope only.
+    assert job["census"] == [{"kek_version": 1, "key_generation": 2, "credentials": mine}]
     gens = run_json(cli_env, "keys", "status", "--tenants")["tenant_generations"]
     counts = {(g["tenant_id"], g["generation"]): g["credentials"] for g in gens}
     assert counts[tenant, 1] == 0 and counts[tenant, 2] == mine
@@ -402,6 +409,7 @@ def test_job_view_progress_rate_and_eta_come_from_the_counts() -> None:
         target_generation=None, requested_by="t", created_at=t0, started_at=t0,
         finished_at=None, last_error=None, passes=1, chunks=5, open_chunks=3, planned=1000,
         planned_finished=400, planned_open=600, total=398, done=390, skipped=5, failed=3,
+        census_json=None,
         as_of=t0 + timedelta(seconds=8),
     )
     assert (running.processed, running.rows_total, running.fraction) == (398, 1000, 0.4)

@@ -4,6 +4,7 @@ rows recorded and left alone, duplicate deliveries, crashes, cancel/resume, one 
 
 from __future__ import annotations
 
+import json
 import threading
 from collections.abc import Sequence
 
@@ -62,6 +63,7 @@ def test_kek_rotation_moves_every_row(runtime: Runtime) -> None:
     job = _job(runtime, job_id)
     assert (job.status, job.target_kek_version) == ("completed", 2)
     assert (job.total, job.done, job.skipped, job.failed) == (300, 300, 0, 0)
+    assert json.loads(job.census_json) == [[2, 1, 300]]  # recorded as the job completed
     assert _scalar(runtime, f"SELECT COUNT(*) FROM rotation_chunks WHERE job_id={job_id}") == 9
     assert _scalar(runtime, "SELECT COUNT(*) FROM credentials WHERE kek_version <> 2") == 0
     reencrypt_events = _scalar(
@@ -259,6 +261,7 @@ def test_nothing_to_do_completes_at_once(runtime: Runtime) -> None:
     job_id = runtime.rotation().reencrypt(requested_by="t")
     job = _job(runtime, job_id)
     assert (job.status, job.total) == ("completed", 0)
+    assert json.loads(job.census_json) == [[1, 1, 10]]
     assert _scalar(runtime, "SELECT COUNT(*) FROM audit_events WHERE action='job_finished'") == 1
 
 

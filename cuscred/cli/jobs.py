@@ -97,6 +97,10 @@ def _print_job(v: JobView) -> None:
         ("created", _ts(v.created_at)), ("started", _ts(v.started_at)),
         ("finished", _ts(v.finished_at)), ("passes", str(v.passes)),
     ]
+    if v.census is not None:  # recorded when the job completed
+        lines.append(("census", "; ".join(
+            f"KEK v{c['kek_version']} gen {c['key_generation']}: {fmt_count(c['credentials'])}"
+            for c in v.census) or "no credentials in scope"))
     for name, value in lines:
         out_console.print(f"{name + ':':<14}{value}", markup=False)
 

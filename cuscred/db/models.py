@@ -280,6 +280,10 @@ class RotationJob(Base):
     started_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
     finished_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
     last_error: Mapped[str | None] = mapped_column(String(500))
+    #: Rows in the job's scope per (KEK version, tenant key generation) when it finished, as
+    #: JSON ``[[kek_version, key_generation, credentials], ...]``: what "did the rotation
+    #: really finish?" is answered with long after the rows have moved on.
+    census_json: Mapped[str | None] = mapped_column(Text)
 
 
 class RotationChunk(Base):

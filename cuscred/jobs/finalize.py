@@ -1,5 +1,8 @@
 """Finish a job once every chunk is in a final state: sum the chunks, take the census.
 
+The census (rows in the job's scope per KEK version and tenant key generation) is recorded on
+the job row as it completes, so ``jobs show`` can answer "did it really finish?" later.
+
 The job's counts are always recomputed from committed chunk rows, so finalising twice (two
 chunks finishing together both ask for it, a redelivery) gives the same answer. If the census
 still finds stale rows that no chunk counted as failed (an application write that raced the key
@@ -8,13 +11,14 @@ promotion), another pass of chunks is planned instead, up to ``MAX_PASSES``.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 
 from sqlalchemy import Connection, func, select, update
 
 from cuscred.db.models import ROTATION_CHUNKS, ROTATION_JOBS, ChunkStatus, JobStatus, utcnow
 from cuscred.jobs.planning import plan_pass
-from cuscred.jobs.scope import count_stale
+from cuscred.jobs.scope import count_stale, scope_census
 from cuscred.services.audit import AuditLog, AuditRecord, Outcome
 
 _J = ROTATION_JOBS
@@ -59,9 +63,10 @@ def finalize(conn: Connection, job_id: int, audit: AuditLog, actor: str) -> Fina
             conn, job_id, job.target_kek_version, job.tenant_id, job.chunk_size))
     status = (JobStatus.COMPLETED if sums["failed"] == 0 and remaining == 0
               else JobStatus.COMPLETED_WITH_ERRORS)
+    census = [[int(v), int(g), int(n)] for v, g, n in conn.execute(scope_census(job.tenant_id))]
     conn.execute(update(_J).where(_J.c.id == job_id).values(
         status=status, total=sums["total"], done=sums["done"], skipped=sums["skipped"],
-        failed=sums["failed"], finished_at=utcnow(),
+        failed=sums["failed"], finished_at=utcnow(), census_json=json.dumps(census),
         last_error=(f"{remaining} stale row(s) left after {job.passes} passes"
                     if remaining else job.last_error),
     ))

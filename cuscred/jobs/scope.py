@@ -67,6 +67,14 @@ def count_stale(
     return query
 
 
+def scope_census(tenant_id: str | None) -> Select[Any]:
+    """Rows in a job's scope per (KEK version, tenant key generation), from the indexed
+    header-version columns: the census a job records when it finishes."""
+    query = select(_C.c.kek_version, _C.c.key_generation, func.count()).group_by(
+        _C.c.kek_version, _C.c.key_generation).order_by(_C.c.kek_version, _C.c.key_generation)
+    return query if tenant_id is None else query.where(_C.c.tenant_id == tenant_id)
+
+
 def chunk_boundaries(
     job_id: int, target_kek: int, tenant_id: str | None, chunk_size: int
 ) -> Select[Any]:

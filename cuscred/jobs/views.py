@@ -15,6 +15,7 @@ job was planned, so several workers in parallel show as a higher rate, as they s
 
 from __future__ import annotations
 
+import json
 import statistics
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
@@ -66,6 +67,7 @@ class JobView:
     done: int
     skipped: int  # changed by the application meanwhile: already current, left alone
     failed: int  # would not decrypt (or their chunk gave up): recorded, left untouched
+    census_json: str | None  # recorded by finalize (see :attr:`census`)
     as_of: datetime
 
     @property
@@ -113,9 +115,19 @@ class JobView:
             return None
         return elapsed * self.planned_open / self.planned_finished
 
+    @property
+    def census(self) -> list[dict[str, int]] | None:
+        """Rows in the job's scope per KEK version and tenant key generation when it
+        completed; ``None`` for a job that did not complete (or finished before this was
+        recorded)."""
+        if self.census_json is None:
+            return None
+        return [{"kek_version": v, "key_generation": g, "credentials": n}
+                for v, g, n in json.loads(self.census_json)]
+
     def as_json(self) -> dict[str, Any]:
-        names = (*self.__slots__, "final", "processed", "rows_total", "fraction", "elapsed_s",
-                 "rate", "eta_s")
+        names = (*(n for n in self.__slots__ if n != "census_json"), "census", "final",
+                 "processed", "rows_total", "fraction", "elapsed_s", "rate", "eta_s")
         return {name: _iso(getattr(self, name)) for name in names}
 
 
@@ -195,7 +207,8 @@ def _chunk_sums() -> Any:
 _SUMMED = ("chunks", "open_chunks", "planned", "planned_finished", "planned_open", "total",
            "done", "skipped", "failed")
 _JOB_COLUMNS = ("id", "kind", "status", "tenant_id", "target_kek_version", "target_generation",
-                "requested_by", "created_at", "started_at", "finished_at", "last_error", "passes")
+                "requested_by", "created_at", "started_at", "finished_at", "last_error", "passes",
+                "census_json")
 
 
 def query_jobs(conn: Connection, *where: Any, limit: int | None = None) -> list[JobView]:
