@@ -289,3 +289,48 @@ def test_resume_gives_a_chunk_that_ran_out_of_attempts_a_fresh_budget(runtime: R
     job = _job(runtime, job_id)
     assert (job.status, job.total, job.done, job.skipped, job.failed) == (
         "completed", 60, 60, 0, 0)
+
+
+def _kek_states(runtime: Runtime) -> dict[int, str]:
+    with runtime.engine.connect() as conn:
+        return {int(v): str(s) for v, s in conn.execute(
+            text("SELECT version, state FROM kek_versions ORDER BY version")).all()}
+
+
+def test_auto_retire_retires_the_old_version_only_when_its_census_is_zero(
+    runtime: Runtime,
+) -> None:
+    _seed(runtime, 80, 6)
+    auto = _settings(runtime, chunk_size=30, auto_retire=True)
+    job_id, _ = auto.rotation().rotate_kek(requested_by="t")
+    assert _job(runtime, job_id).status == "completed"
+    assert _kek_states(runtime) == {1: "retired", 2: "active"}
+
+    # A row that will not decrypt stays on v2: the next rotation ends with errors, and v2,
+    # which the census still counts, is not retired.
+    with runtime.engine.begin() as conn:
+        blob = conn.execute(select(CREDENTIALS.c.ciphertext).limit(1)).scalar_one()
+        conn.execute(update(CREDENTIALS).where(CREDENTIALS.c.ciphertext == blob)
+                     .values(ciphertext=bytes(blob[:-1]) + bytes([blob[-1] ^ 1])))
+    job_id, _ = auto.rotation().rotate_kek(requested_by="t")
+    assert _job(runtime, job_id).status == "completed_with_errors"
+    assert _kek_states(runtime) == {1: "retired", 2: "decrypt_only", 3: "active"}
+
+
+def test_without_auto_retire_a_finished_rotation_retires_nothing(runtime: Runtime) -> None:
+    _seed(runtime, 40, 4)
+    job_id, _ = runtime.rotation().rotate_kek(requested_by="t")
+    assert _job(runtime, job_id).status == "completed"
+    assert _kek_states(runtime) == {1: "decrypt_only", 2: "active"}
+
+
+def test_rotation_adopts_a_version_an_operator_already_wrote(runtime: Runtime) -> None:
+    data = _seed(runtime, 40, 4)
+    written = runtime.keys.source.add_version()  # e.g. `vault kv put` by hand, not recorded
+    assert written == 2 and _kek_states(runtime) == {1: "active"}
+    job_id, _ = runtime.rotation().rotate_kek(requested_by="t")
+    job = _job(runtime, job_id)
+    assert (job.status, job.target_kek_version, job.done) == ("completed", 2, 40)
+    assert runtime.keys.source.latest_version() == 2  # adopted, no third version written
+    assert _kek_states(runtime) == {1: "decrypt_only", 2: "active"}
+    _all_resolve(runtime, data)
