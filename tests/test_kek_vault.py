@@ -259,6 +259,43 @@ def test_default_max_versions_is_assumed_when_the_secret_sets_none(source: Vault
     assert source.get(1).version == 1
 
 
+def test_a_mount_level_max_versions_is_honoured(
+    vault_client: hvac.Client, vault_kv: VaultKV, source: VaultKekSource, leak_guard: LeakGuard
+) -> None:
+    """The secret sets no limit, so it inherits the mount's 3 (not KV's default of 10): the
+    fourth write would make Vault destroy KEK version 1, and is refused."""
+    vault_client.secrets.kv.v2.configure(max_versions=3, mount_point=source.mount)
+    for _ in range(3):
+        source.add_version()
+    stored_keys(vault_kv, source, leak_guard)
+    with leak_guard.raises(KeyStateError, source.path) as info:
+        source.add_version()
+    assert "at most 3 versions" in str(info.value) and "Nothing was written" in str(info.value)
+    assert source.latest_version() == 3 and source.get(1).version == 1
+
+
+def test_an_unreadable_mount_limit_is_refused_not_guessed(
+    vault_client: hvac.Client, openbao: OpenBaoServer, source: VaultKekSource,
+) -> None:
+    source.add_version()  # v1, written with full rights
+    name = f"kek-{source.mount}"
+    vault_client.sys.create_or_update_policy(name, f"""
+        path "{source.mount}/data/{source.path}" {{ capabilities = ["create", "read", "update"] }}
+        path "{source.mount}/metadata/{source.path}" {{ capabilities = ["read"] }}
+    """)
+    token = vault_client.auth.token.create(policies=[name], ttl="10m")["auth"]["client_token"]
+    limited = VaultKekSource(VaultKV(hvac.Client(url=openbao.addr, token=token)),
+                             source.mount, source.path)
+    with pytest.raises(KeyStateError, match="may not read") as info:
+        limited.add_version()
+    assert token not in str(info.value)
+    assert source.latest_version() == 1
+    # With the limit set on the secret itself, the mount's does not matter and is not read.
+    vault_client.secrets.kv.v2.update_metadata(
+        source.path, max_versions=50, mount_point=source.mount)
+    assert limited.add_version() == 2
+
+
 def test_vault_errors_other_than_not_found_pass_through(
     openbao: OpenBaoServer,
     openbao_factory: Callable[..., OpenBaoServer],

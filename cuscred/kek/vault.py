@@ -5,18 +5,21 @@ The field (``key`` by default) holds the base64 of 32 random bytes::
 
     bao kv get -mount=secret -version=3 cuscred/kek   ->   key = "q3J0...=" (44 characters)
 
-KV v2 keeps only ``max_versions`` versions of a secret (default 10) and silently discards the
-oldest beyond that, which would destroy a KEK that rows still use. So
-:meth:`VaultKekSource.add_version` refuses to write a version that would push one out: raise
-``max_versions`` in the secret's metadata (``bao kv metadata put -max-versions=1000 ...``)
-before that point. Only the secret-level setting is visible without extra policy; when it is 0
-the KV default of 10 is assumed (a higher mount-level setting is not seen, a lower one is missed).
+KV v2 keeps only ``max_versions`` versions of a secret and silently discards the oldest beyond
+that, which would destroy a KEK that rows still use. So :meth:`VaultKekSource.add_version`
+refuses to write a version that would push one out. The limit is the secret's own
+``max_versions`` when set; when it is 0 the secret inherits the mount's (``<mount>/config``,
+whose own 0 means 10), which is read too. A token that may not read the mount's configuration
+gets a refusal, never a guess: set the limit on the secret itself
+(``bao kv metadata put -max-versions=1000 -mount=secret cuscred/kek``), which both makes it
+visible and overrides the mount's.
 
 :meth:`VaultKekSource.import_versions` (``cuscred keys import-keyring``) moves a local keyring
 here: its versions 1..N become KV versions 1..N of a secret that has none yet.
 
 Policy needed: ``read`` on ``<mount>/data/<path>`` and ``<mount>/metadata/<path>``; ``create`` and
-``update`` on ``<mount>/data/<path>`` for the identity that rotates.
+``update`` on ``<mount>/data/<path>`` for the identity that rotates, and ``read`` on
+``<mount>/config`` unless the secret sets its own ``max_versions``.
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ from cuscred.errors import (
     InvalidInputError,
     KekUnavailableError,
     KeyStateError,
+    PermissionDeniedError,
     SecretVersionDeletedError,
     SecretVersionDestroyedError,
 )
@@ -109,8 +113,14 @@ class VaultKekSource:
         """
         meta = self._kv.metadata(self.mount, self.path)
         current = meta.current_version if meta is not None else 0
-        if meta is not None:
-            _refuse_discarding_a_version(meta)
+        kept = meta.version_count if meta is not None else 0
+        limit = self._kept_at_most(meta)
+        if kept >= limit:
+            raise KeyStateError(
+                f"the KEK secret keeps at most {limit} versions and holds {kept}: writing "
+                "another would make KV v2 discard the oldest KEK version; raise max_versions "
+                "in the secret's metadata first. Nothing was written"
+            )
         return self._write(os.urandom(KEY_BYTES), cas=current)
 
     def import_versions(self, keks: Sequence[Kek]) -> None:
@@ -135,7 +145,7 @@ class VaultKekSource:
                 f"{meta.current_version}; a keyring is imported into an empty path only, so "
                 "that KV version N is KEK version N. Nothing was written"
             )
-        limit = (meta.max_versions if meta is not None else 0) or KV_DEFAULT_MAX_VERSIONS
+        limit = self._kept_at_most(meta)
         if len(keks) > limit:
             raise KeyStateError(
                 f"the keyring holds {len(keks)} versions but the KEK secret keeps at most "
@@ -153,6 +163,23 @@ class VaultKekSource:
             if written != kek.version:  # cas makes this impossible; never trust it silently
                 raise KeyStateError(f"Vault stored KEK version {kek.version} as KV version "
                                     f"{written}: remove the secret and import again")
+
+    def _kept_at_most(self, meta: KVMetadata | None) -> int:
+        """How many versions KV v2 keeps of the KEK secret: its own ``max_versions``, else
+        the mount's, else KV's default. Raises :class:`KeyStateError` when the mount's limit
+        applies but cannot be read (nothing is assumed: a guess of 10 once let a mount set to
+        3 destroy KEK versions in use)."""
+        if meta is not None and meta.max_versions > 0:
+            return meta.max_versions
+        try:
+            return self._kv.mount_max_versions(self.mount) or KV_DEFAULT_MAX_VERSIONS
+        except PermissionDeniedError as e:
+            raise KeyStateError(
+                f"cannot tell how many versions the KEK secret keeps (Vault mount "
+                f"{self.mount!r}): it inherits the mount's max_versions, which this token may "
+                "not read. Set max_versions on the secret (bao kv metadata put "
+                "-max-versions=1000 ...) or allow reading <mount>/config. Nothing was written"
+            ) from e
 
     def _write(self, material: bytes, *, cas: int) -> int:
         value = base64.b64encode(material).decode("ascii")
@@ -175,16 +202,6 @@ class VaultKekSource:
         if len(raw) != KEY_BYTES:
             raise KekUnavailableError(f"{where} is not a {KEY_BYTES * 8}-bit key")
         return raw
-
-
-def _refuse_discarding_a_version(meta: KVMetadata) -> None:
-    limit = meta.max_versions or KV_DEFAULT_MAX_VERSIONS
-    if meta.version_count >= limit:
-        raise KeyStateError(
-            f"the KEK secret keeps at most {limit} versions and holds {meta.version_count}: "
-            "writing another would make KV v2 discard the oldest KEK version; raise "
-            "max_versions in the secret's metadata first"
-        )
 
 
 __all__ = ["KV_DEFAULT_MAX_VERSIONS", "VaultKekSource"]

@@ -142,6 +142,23 @@ class VaultKV:
             return None
         return _parse_metadata(response, mount)
 
+    def mount_max_versions(self, mount: str) -> int:
+        """The KV v2 mount's ``max_versions`` (``<mount>/config``; 0: the KV default of 10).
+
+        Raises :class:`PermissionDeniedError` when the policy does not allow reading the
+        mount's configuration, :class:`VaultUnavailableError`, :class:`VaultError`.
+        """
+        response = self._call(
+            "mount config read",
+            lambda: self._client.secrets.kv.v2.read_configuration(mount_point=mount),
+            mount=mount,
+        )
+        value = _dig(response, "data", "max_versions")
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            where = describe_operation("mount config read", mount, None)
+            raise VaultError(f"{where}: unexpected response shape")
+        return value
+
     def current_version(self, mount: str, path: str) -> int | None:
         """The newest version number written at the path, or ``None`` if there is none.
 
