@@ -75,6 +75,18 @@ def _ping_connections_that_sat_idle(engine: Engine) -> None:
                 raise DisconnectionError() from exc
 
 
+def sqlite_text(value: bytes) -> str:
+    """SQLite's ``text_factory`` for every cuscred connection.
+
+    A TEXT value that is not UTF-8 can only come from outside cuscred (a database edited by
+    hand: ``||`` makes TEXT even of blobs). The default factory fails the whole read with an
+    ``OperationalError``, which looks like an outage and stops a job; decoded losslessly
+    instead, the one damaged row is refused as such (``DecryptionError``, recorded by a job,
+    named by ``verify``) and the rest carry on.
+    """
+    return value.decode("utf-8", "surrogateescape")
+
+
 def _sqlite_engine(database_url: str, **kwargs: Any) -> Engine:
     url = make_url(database_url)
     if url.database and url.database != ":memory:":
@@ -84,6 +96,7 @@ def _sqlite_engine(database_url: str, **kwargs: Any) -> Engine:
     @event.listens_for(engine, "connect")
     def _on_connect(dbapi_conn: sqlite3.Connection, _record: object) -> None:
         dbapi_conn.isolation_level = None  # we issue BEGIN ourselves, below
+        dbapi_conn.text_factory = sqlite_text
         cur = dbapi_conn.cursor()
         cur.execute("PRAGMA journal_mode=WAL")
         cur.execute("PRAGMA synchronous=FULL")

@@ -21,7 +21,7 @@ from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Connection, Engine, case, create_engine, func, select
+from sqlalchemy import Connection, Engine, case, create_engine, event, func, select
 from sqlalchemy.pool import NullPool
 
 from cuscred.db.models import (
@@ -32,6 +32,7 @@ from cuscred.db.models import (
     JobStatus,
     utcnow,
 )
+from cuscred.db.session import sqlite_text
 from cuscred.jobs.finalize import FINAL
 
 _J = ROTATION_JOBS
@@ -183,8 +184,14 @@ def reader_engine(engine: Engine) -> Engine:
     """
     if engine.dialect.name != "sqlite":
         return engine
-    return create_engine(engine.url, poolclass=NullPool, hide_parameters=True,
-                         connect_args={"timeout": 30})
+    reader = create_engine(engine.url, poolclass=NullPool, hide_parameters=True,
+                           connect_args={"timeout": 30})
+    event.listen(reader, "connect", _reader_connected)
+    return reader
+
+
+def _reader_connected(dbapi_conn: Any, _record: object) -> None:
+    dbapi_conn.text_factory = sqlite_text  # damaged TEXT: see sqlite_text
 
 
 def _chunk_sums() -> Any:

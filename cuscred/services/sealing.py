@@ -91,7 +91,8 @@ def context_from_json(text: str) -> dict[str, str]:
     """Parse a stored context; anything but an object of strings is a damaged row."""
     try:
         value = json.loads(text)
-    except (ValueError, TypeError):  # not JSON, or not even text (a tampered column)
+        text.encode()  # TEXT that was not UTF-8 comes back with lone surrogates (sqlite_text)
+    except (ValueError, TypeError, AttributeError):  # not JSON, not even text: tampered
         raise DecryptionError() from None
     if not isinstance(value, dict) or not all(
         isinstance(k, str) and isinstance(v, str) for k, v in value.items()
@@ -132,8 +133,11 @@ def open_row(
     if (parsed.kek_version, parsed.key_generation) != (kek_version, key_generation):
         raise DecryptionError()
     keys.ensure_decryptable(conn, parsed.kek_version)
-    key = keys.tenant_key(conn, tenant_id, parsed.key_generation, parsed.kek_version)
-    return aead.decrypt_parsed(key, parsed, credential_id=credential_id, context=context)
+    try:
+        key = keys.tenant_key(conn, tenant_id, parsed.key_generation, parsed.kek_version)
+        return aead.decrypt_parsed(key, parsed, credential_id=credential_id, context=context)
+    except UnicodeEncodeError:  # an id or context edited into text that is not UTF-8
+        raise DecryptionError() from None
 
 
 __all__ = [
