@@ -23,6 +23,7 @@ from cuscred.jobs.chunks import ChunkProcessor
 from cuscred.jobs.runner import InProcessRunner
 from cuscred.jobs.service import RotationService
 from cuscred.services.audit_verify import verify_chain
+from cuscred.services.key_history import state_mismatches
 
 
 def _seed(runtime: Runtime, n: int = 300, tenants: int = 20) -> dict[str, tuple[str, str]]:
@@ -334,3 +335,26 @@ def test_rotation_adopts_a_version_an_operator_already_wrote(runtime: Runtime) -
     assert runtime.keys.source.latest_version() == 2  # adopted, no third version written
     assert _kek_states(runtime) == {1: "decrypt_only", 2: "active"}
     _all_resolve(runtime, data)
+    with runtime.engine.connect() as conn:  # the adoption is on the record, and replays
+        assert state_mismatches(conn) == []
+        assert conn.execute(text("SELECT count(*) FROM audit_events WHERE action = 'kek_state' "
+                                 "AND reason = 'v2:adopt'")).scalar_one() == 1
+
+
+def test_rotation_never_reuses_a_version_staged_earlier(runtime: Runtime) -> None:
+    """A `keys create` left `decrypt_only` (perhaps long ago, perhaps copied since) is not
+    what a rotation moves rows onto: it writes a fresh version."""
+    data = _seed(runtime, 30, 3)
+    staged = runtime.key_admin().create_version()
+    assert staged == 2 and _kek_states(runtime) == {1: "active", 2: "decrypt_only"}
+    job_id, _ = runtime.rotation().rotate_kek(requested_by="t")
+    job = _job(runtime, job_id)
+    assert (job.status, job.target_kek_version, job.done) == ("completed", 3, 30)
+    assert _kek_states(runtime) == {1: "decrypt_only", 2: "decrypt_only", 3: "active"}
+    runtime.key_admin().retire(2)  # never used by a row
+    _all_resolve(runtime, data)
+    with runtime.engine.connect() as conn:
+        assert state_mismatches(conn) == []
+        reasons = list(conn.execute(text(
+            "SELECT reason FROM audit_events WHERE action = 'kek_state' ORDER BY seq")).scalars())
+    assert "v3:register" in reasons

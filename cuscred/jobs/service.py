@@ -186,20 +186,24 @@ class RotationService:
     # --- helpers ----------------------------------------------------------------------------
 
     def _new_or_adopted_version(self, conn: Connection) -> int:
-        """A decrypt_only version newer than the active one (recorded by an earlier attempt
-        that died before noting it on the job), else step 1 proper."""
+        """Step 1 proper: a fresh KEK version, recorded ``decrypt_only`` in the transaction
+        that also names it on the job.
+
+        A version already in the source but not in the table is adopted instead: an operator
+        wrote it for this rotation (``bao kv put``), or an earlier attempt of this step wrote it
+        and died before its transaction committed. A ``decrypt_only`` version the table
+        already records (staged by ``keys create``, perhaps long ago, perhaps copied since) is
+        never reused: a rotation always ends on key material no earlier copy holds.
+        """
         states = self.keys.kek_states(conn, fresh=True)
-        active = max((v for v, s in states.items() if s == KeyState.ACTIVE), default=0)
-        waiting = [v for v, s in states.items() if s == KeyState.DECRYPT_ONLY and v > active]
-        if waiting:
-            return max(waiting)
+        newest_known = max(states, default=0)
         latest = self.keys.source.latest_version()
-        version = (latest if latest is not None and latest not in states and latest > active
-                   else self.keys.source.add_version())
+        adopted = latest is not None and latest > newest_known
+        version = latest if adopted and latest is not None else self.keys.source.add_version()
         self.keys.set_kek_state(conn, version, KeyState.DECRYPT_ONLY)
         self.audit.append(conn, [AuditRecord(
             action="kek_state", outcome=Outcome.SUCCESS, actor=self.actor,
-            reason=f"v{version}:register",
+            reason=f"v{version}:{'adopt' if adopted else 'register'}",
         )])
         return version
 

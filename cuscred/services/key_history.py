@@ -18,7 +18,7 @@ from sqlalchemy import Connection, select
 from cuscred.db.models import AUDIT_EVENTS, KEK_VERSIONS, KeyState
 
 _A = AUDIT_EVENTS
-_REASON = re.compile(r"v(\d+):(register|bootstrap|promote|demote|retire|unretire)")
+_REASON = re.compile(r"v(\d+):(register|adopt|bootstrap|promote|demote|retire|unretire)")
 
 
 def replay_states(reasons: list[str], recorded: set[int]) -> dict[int, str]:
@@ -37,7 +37,7 @@ def replay_states(reasons: list[str], recorded: set[int]) -> dict[int, str]:
         if match is None:
             continue
         version, action = int(match.group(1)), match.group(2)
-        if action in ("register", "demote", "unretire"):
+        if action in ("register", "adopt", "demote", "unretire"):
             states[version] = KeyState.DECRYPT_ONLY
         elif action == "retire":
             states[version] = KeyState.RETIRED
