@@ -18,7 +18,7 @@ from cuscred.errors import (
     InvalidSecretError,
     InvalidTenantError,
 )
-from cuscred.providers import parse_json_object
+from cuscred.providers import match_shape, parse_json_object
 
 MAX_TENANT_ID_LENGTH = 64
 MAX_CONTEXT_ITEMS = 16
@@ -44,7 +44,8 @@ def validate_tenant_id(value: object) -> str:
 
     Raises :class:`CuscredTypeError` if ``value`` is not a ``str``, and
     :class:`InvalidTenantError` if it is empty or has any other character (``/``, ``.``, braces,
-    whitespace, control characters, non-ASCII look-alikes).
+    whitespace, control characters, non-ASCII look-alikes), or has the shape of a provider API
+    key (:func:`key_shaped`).
     """
     if not isinstance(value, str):
         raise CuscredTypeError(f"tenant id must be a str, got {type(value).__name__}")
@@ -60,7 +61,24 @@ def validate_tenant_id(value: object) -> str:
             f"tenant id {_first_bad(tenant_id, _TENANT_FIRST, _TENANT_REST)}: it must start "
             "with an ASCII letter or digit and contain only ASCII letters, digits, '_' and '-'"
         )
+    provider = key_shaped(tenant_id)
+    if provider is not None:
+        raise InvalidTenantError(
+            f"tenant id has the shape of a {provider} API key: a secret passed where the tenant "
+            "goes would be stored and audited in clear, so it is refused"
+        )
     return tenant_id
+
+
+def key_shaped(value: str) -> str | None:
+    """The provider whose API key ``value`` looks like (a known prefix and body), if any.
+
+    Tenant ids and actors are stored and audited in clear, so a value of that shape (a secret
+    passed in the wrong argument) is refused there. Bare 32-hex Azure keys are not refused:
+    a UUID without dashes, a common tenant id, has the same shape.
+    """
+    shape = match_shape(value)
+    return None if shape is None else shape.provider
 
 
 def validate_secret(value: object, *, max_bytes: int, strip: bool = False) -> str:

@@ -14,6 +14,7 @@ from sqlalchemy import text
 from cuscred.errors import (
     CredentialNotFoundError,
     CuscredError,
+    InvalidInputError,
     InvalidTenantError,
     MalformedReferenceError,
     ScopeError,
@@ -153,3 +154,39 @@ def test_malformed_tenant_ids_are_refused_and_audited_as_denied(
         svc.encrypt_credential(tenant, "sk-proj-" + "valueForBadTenant" * 2)
     with runtime.engine.connect() as conn:
         assert conn.execute(text("SELECT COUNT(*) FROM credentials")).scalar() == 1
+
+
+_KEY_SHAPED = [
+    "AIzaSyD3xQ7mR2vN8kLp4sT9wYz3bC6dF1gH5jK",  # a Google API key
+    "sk-" + "Ab3dEf6hIj9kLm2nOp5qRs8tUv1wXy4zAb7dEf0hIj3kLm6n",  # a legacy OpenAI key
+    "sk-proj-Xq7mR2vN8kLp4sT9wYz3bC6dF1gH5jK0aE",
+    "sk-ant-api03-Xq7mR2vN8kLp4sT9wYz3bC6dF1gH5jK0aE",
+    "AKIAIOSFODNN7EXAMPLE",
+]
+
+
+@pytest.mark.parametrize("key", _KEY_SHAPED, ids=lambda k: k[:4])
+def test_a_secret_passed_as_the_tenant_or_actor_is_refused_and_never_recorded(
+    attacked: tuple[Runtime, str], key: str
+) -> None:
+    """Arguments swapped (`encrypt_credential(secret, secret)`), or a key in the actor: tenant
+    ids and actors are stored and audited in clear, so a key-shaped one is refused and the
+    audit row records neither."""
+    runtime, ref_b = attacked
+    svc = runtime.credential_service()
+    with pytest.raises(InvalidTenantError) as info:
+        svc.encrypt_credential(key, key)
+    assert key not in str(info.value) and "API key" in str(info.value)
+    with pytest.raises(InvalidTenantError):
+        svc.resolve_credential(key, ref_b)
+    with pytest.raises(InvalidInputError):
+        runtime.credential_service(actor=key).resolve_credential("ab", ref_b)
+    with runtime.engine.connect() as conn:
+        assert conn.execute(text("SELECT COUNT(*) FROM credentials")).scalar() == 1
+        stored = "\n".join(str(v) for row in conn.execute(text(
+            "SELECT tenant_id, actor, reason FROM audit_events")).all() for v in row)
+        assert conn.execute(text("SELECT COUNT(*) FROM tenant_keys WHERE tenant_id = :k"),
+                            {"k": key}).scalar() == 0
+    assert key not in stored and key[4:16] not in stored
+    # A tenant id that is a UUID without dashes (32 hex digits, like an Azure key) is fine.
+    assert svc.encrypt_credential(uuid.uuid4().hex, "sk-proj-" + "hexTenantValue1" * 3)

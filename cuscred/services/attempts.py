@@ -32,6 +32,7 @@ from cuscred.errors import (
 )
 from cuscred.references import EncryptedRef, Reference, parse_reference
 from cuscred.services.audit import AuditLog, AuditRecord, Outcome, fingerprint_reference
+from cuscred.validation import key_shaped
 
 #: Refusals recorded as ``denied``: policy said no, or the caller named a tenant or reference
 #: the service will not act on at all. Traversal (``..``, encodings, look-alikes) and a
@@ -98,16 +99,20 @@ class AttemptRecorder:
         """
         # Plain str copies: a str subclass (a str-valued Enum, say) can print as something
         # else than the characters the database stores, and the audit MAC covers the text.
+        # A value with a provider key's shape is never recorded: it is a secret in the wrong
+        # argument, and validation refuses it.
         tenant = (str.__str__(tenant_id) if isinstance(tenant_id, str)
-                  and _SAFE_TENANT.fullmatch(tenant_id) else None)
-        good_actor = isinstance(actor, str) and _SAFE_ACTOR.fullmatch(actor) is not None
+                  and _SAFE_TENANT.fullmatch(tenant_id) and not key_shaped(tenant_id) else None)
+        good_actor = (isinstance(actor, str) and _SAFE_ACTOR.fullmatch(actor) is not None
+                      and not key_shaped(actor))
         attempt = Attempt(action=action,
                           actor=str.__str__(actor) if good_actor else "<invalid actor>",
                           tenant_id=tenant)
         self._identify(attempt, reference)
         try:
             if not good_actor:
-                raise InvalidInputError("actor must be 1-128 printable ASCII characters")
+                raise InvalidInputError("actor must be 1-128 printable ASCII characters, "
+                                        "and not shaped like a provider API key")
             yield attempt
         except SQLAlchemyError as exc:
             error = StorageError("database error; the operation may not have completed, retry")
