@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import random
+import re
 from typing import Any
 
 from celery import Task
@@ -32,6 +33,7 @@ from worker.app import app
 from worker.config import TASK_CHECK_ROTATION_DUE, TASK_SWEEP
 
 log = logging.getLogger("cuscred.tasks")
+_PRINTABLE = re.compile(r"[ -~]{1,64}")
 MAX_RETRIES = 40
 BACKOFF_CAP_S = 60
 #: Follow-up steps go out through this worker's own app: one broker connection pool per
@@ -60,20 +62,43 @@ def _run(task: Task, what: str, call: Any) -> Any:
         raise TaskFailedError(code) from None
 
 
+def _ids(*values: object) -> tuple[int, ...]:
+    """Job ids and chunk numbers as the tasks take them: positive ints, nothing else.
+
+    Anyone who can write to the broker can send any arguments; a string here would otherwise
+    reach the log lines below verbatim (log injection) before the service refused it.
+    """
+    for value in values:
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            log.error("task refused: its arguments are not positive integer ids")
+            raise TaskFailedError("invalid_arguments")
+    return tuple(int(v) for v in values)  # type: ignore[call-overload]
+
+
+def _actor(requested_by: object) -> str:
+    """Who asked, as the audit trail records it: 1-64 printable ASCII characters."""
+    if not isinstance(requested_by, str) or not _PRINTABLE.fullmatch(requested_by):
+        log.error("task refused: requested_by is not 1-64 printable ASCII characters")
+        raise TaskFailedError("invalid_arguments")
+    return str.__str__(requested_by)
+
+
 _JOB = {"bind": True, "acks_late": True, "reject_on_worker_lost": True, "max_retries": MAX_RETRIES}
 
 
 @app.task(name="tasks.rotation.rotate_kek", **_JOB)
 def rotate_kek(self: Task, requested_by: str = "beat") -> dict[str, Any]:
     """Start a KEK rotation (or return the one in flight)."""
+    actor = _actor(requested_by)
     job_id, created = _run(self, "rotate_kek",
-                           lambda: _service().rotate_kek(requested_by=requested_by[:64]))
+                           lambda: _service().rotate_kek(requested_by=actor))
     return {"job_id": job_id, "created": created}
 
 
 @app.task(name=TASK_ADVANCE, **_JOB)
 def rotate_kek_advance(self: Task, job_id: int) -> dict[str, Any]:
     """Steps 1-2 of a KEK rotation: new version readable everywhere, then promoted."""
+    (job_id,) = _ids(job_id)
     _run(self, f"rotate_kek_advance job={job_id}", lambda: _service().advance_rotation(job_id))
     return {"job_id": job_id}
 
@@ -81,14 +106,16 @@ def rotate_kek_advance(self: Task, job_id: int) -> dict[str, Any]:
 @app.task(name="tasks.rotation.rekey_tenant", **_JOB)
 def rekey_tenant(self: Task, tenant_id: str, requested_by: str = "task") -> dict[str, Any]:
     """A new key generation for one tenant and a job moving its rows to it."""
+    actor = _actor(requested_by)
     job_id = _run(self, "rekey_tenant",
-                  lambda: _service().rekey_tenant(tenant_id, requested_by=requested_by[:64]))
+                  lambda: _service().rekey_tenant(tenant_id, requested_by=actor))
     return {"job_id": job_id}
 
 
 @app.task(name=TASK_START, **_JOB)
 def start_reencryption(self: Task, job_id: int) -> dict[str, Any]:
     """Split a job into chunks and enqueue one task per chunk."""
+    (job_id,) = _ids(job_id)
     chunks = _run(self, f"start_reencryption job={job_id}",
                   lambda: _service().start_reencryption(job_id))
     return {"job_id": job_id, "chunks": len(chunks)}
@@ -97,6 +124,7 @@ def start_reencryption(self: Task, job_id: int) -> dict[str, Any]:
 @app.task(name=TASK_CHUNK, **_JOB)
 def reencrypt_chunk(self: Task, job_id: int, chunk_no: int) -> dict[str, Any]:
     """Re-encrypt one chunk in one transaction (see cuscred.jobs.chunks)."""
+    job_id, chunk_no = _ids(job_id, chunk_no)
     outcome = _run(self, f"reencrypt_chunk job={job_id} chunk={chunk_no}",
                    lambda: _service().reencrypt_chunk(job_id, chunk_no))
     result: dict[str, Any] = outcome.as_dict()
@@ -112,6 +140,7 @@ def reencrypt_chunk(self: Task, job_id: int, chunk_no: int) -> dict[str, Any]:
 @app.task(name=TASK_FINALIZE, **_JOB)
 def finalize_job(self: Task, job_id: int) -> dict[str, Any]:
     """Sum the chunks, take the census, complete the job (or plan a sweep-up pass)."""
+    (job_id,) = _ids(job_id)
     result = _run(self, f"finalize_job job={job_id}", lambda: _service().finalize_job(job_id))
     return {"job_id": job_id, "status": result.status, "new_chunks": len(result.new_chunks)}
 
@@ -119,6 +148,8 @@ def finalize_job(self: Task, job_id: int) -> dict[str, Any]:
 @app.task(name="tasks.rotation.verify", **_JOB)
 def verify(self: Task, job_id: int | None = None, tenant_id: str | None = None) -> dict[str, Any]:
     """Decrypt every credential in scope; counts per KEK version and the failing ids."""
+    if job_id is not None:
+        (job_id,) = _ids(job_id)
     report = _run(self, "verify", lambda: JobControl(_service()).verify(
         job_id=job_id, tenant_id=tenant_id, actor="worker"))
     return {"checked": report.checked,

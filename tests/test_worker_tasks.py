@@ -103,6 +103,22 @@ def test_sweep_task_redrives_chunks_whose_messages_were_lost(stack: Stack) -> No
     assert_rows_readable(runtime, data, kek_version=2)
 
 
+def test_arguments_that_are_not_ids_are_refused_without_being_logged(stack: Stack) -> None:
+    """Anyone who can write to the broker can send any arguments: a task takes positive int
+    ids (and a short printable actor) only, and never writes what it refused into a log."""
+    runtime = stack.runtime()
+    seed(runtime, 20, 2)
+    worker = stack.worker()
+    poison = "7; drop table credentials\n[fake] chunk done"
+    _send(stack, "tasks.rotation.reencrypt_chunk", poison, 1)
+    _send(stack, "tasks.rotation.finalize_job", True)
+    _send(stack, "tasks.rotation.start_reencryption", -3)
+    _send(stack, "tasks.rotation.rotate_kek", requested_by=poison)
+    worker.wait_for_log(r"task refused", count=4)
+    assert "drop table" not in worker.log() and "[fake]" not in worker.log()
+    assert stack.scalar("SELECT count(*) FROM rotation_jobs") == 0
+
+
 def test_celery_options_that_keep_job_messages_safe(monkeypatch: Any) -> None:
     from worker import runtime as process_runtime
 
