@@ -183,3 +183,27 @@ def test_the_cli_redacts_key_shapes_that_a_library_might_log(tmp_path: Path) -> 
 def test_mask_json(cli_env: dict[str, str]) -> None:
     code, out, _ = run(cli_env, "mask", "--json", stdin=SECRET + "\n")
     assert code == 0 and json.loads(out) == {"masked": "sk-proj-…Lm0p"}
+
+
+def test_a_declined_confirmation_changes_nothing_and_says_so(cli_env: dict[str, str]) -> None:
+    assert run(cli_env, "keygen")[0] == 0
+    ref = run(cli_env, "put", "--tenant", "acme", stdin=SECRET + "\n")[1].strip()
+    for answer in ("n\n", ""):  # "no", and no answer at all (stdin closed)
+        code, _, err = run(cli_env, "delete", "--tenant", "acme", ref, stdin=answer)
+        assert code == 10 and "nothing changed" in err
+        code, _, err = run(cli_env, "shred-tenant", "acme", stdin=answer)
+        assert code == 10 and "nothing changed" in err
+    assert run(cli_env, "resolve", "--tenant", "acme", ref)[1] == SECRET + "\n"
+    assert run(cli_env, "delete", "--tenant", "acme", ref, stdin="y\n")[0] == 0
+
+
+def test_context_options_must_be_key_value_and_name_each_key_once(
+    cli_env: dict[str, str],
+) -> None:
+    assert run(cli_env, "keygen")[0] == 0
+    for context in (["p=x", "p=y"], ["noequals"]):
+        args = [a for c in context for a in ("--context", c)]
+        code, out, err = run(cli_env, "put", "--tenant", "acme", *args, stdin=SECRET + "\n")
+        assert code == 6 and not out and "--context option" in err
+    code, out, _ = run(cli_env, "list", "--tenant", "acme", "--json")
+    assert json.loads(out) == []

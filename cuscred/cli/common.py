@@ -46,6 +46,7 @@ EXIT_INVALID = 6
 EXIT_KEY_STATE = 7
 EXIT_VERIFY = 8
 EXIT_JOB = 9
+EXIT_DECLINED = 10
 EXIT_UNAVAILABLE = 69
 EXIT_CONFIG = 78
 
@@ -152,12 +153,25 @@ def parse_context(pairs: list[str] | None) -> dict[str, str] | None:
     if not pairs:
         return None
     out: dict[str, str] = {}
-    for pair in pairs:
+    for number, pair in enumerate(pairs, 1):
         key, sep, value = pair.partition("=")
         if not sep:
-            fail(f"--context takes key=value, got {key[:40]!r}", EXIT_INVALID)
+            fail(f"--context option {number} is not key=value", EXIT_INVALID)
+        if key in out:  # a silent last-one-wins would bind the ciphertext to a surprise
+            fail(f"--context option {number} repeats a key given before", EXIT_INVALID)
         out[key] = value
     return out
+
+
+def confirm_or_stop(question: str) -> None:
+    """Ask ``question``; unless the answer is yes, stop with :data:`EXIT_DECLINED` (nothing
+    changed). No answer at all (stdin closed) is a no."""
+    try:
+        confirmed = typer.confirm(question)
+    except typer.Abort:  # end of input: nobody said yes
+        confirmed = False
+    if not confirmed:
+        fail("not confirmed; nothing changed (--yes skips the question)", EXIT_DECLINED)
 
 
 def print_json(data: Any) -> None:
@@ -178,6 +192,7 @@ def quiet_logging() -> None:
 
 __all__ = [
     "EXIT_CONFIG",
+    "EXIT_DECLINED",
     "EXIT_DECRYPT",
     "EXIT_DENIED",
     "EXIT_INTERNAL",

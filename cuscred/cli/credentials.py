@@ -12,6 +12,7 @@ from rich.table import Table
 
 from cuscred.cli.common import (
     EXIT_INVALID,
+    confirm_or_stop,
     err_console,
     fail,
     handled,
@@ -114,8 +115,8 @@ def delete(
     yes: Annotated[bool, typer.Option("--yes", help="Do not ask for confirmation.")] = False,
 ) -> None:
     """Delete one credential."""
-    if not yes and not typer.confirm(f"Delete {ref} of tenant {tenant}?"):
-        raise typer.Exit(1)
+    if not yes:
+        confirm_or_stop(f"Delete {ref} of tenant {tenant}?")
     st = state(ctx)
     with handled():
         st.runtime.credential_service(actor=st.actor).delete_credential(tenant, ref)
@@ -129,8 +130,8 @@ def shred_tenant(
 ) -> None:
     """Crypto-shred a tenant: delete every credential and wipe the salts of its key generations
     (kept as retired rows, so a returning tenant id never reuses a generation number)."""
-    if not yes and not typer.confirm(f"Destroy every credential of tenant {tenant}?"):
-        raise typer.Exit(1)
+    if not yes:
+        confirm_or_stop(f"Destroy every credential of tenant {tenant}?")
     st = state(ctx)
     with handled():
         count = st.runtime.credential_service(actor=st.actor).shred_tenant(tenant)
