@@ -46,8 +46,10 @@ other load shows. Each run is checked afterwards (untimed): no row left on the o
 (naive: exactly the subset moved) and a sample of credentials resolves to its generated value.
 
 Memory: the peak RSS (``VmHWM``) of each Celery pool process (SQLite: of the in-process
-child), for the full dataset and for the small one, each in fresh processes. A job's memory
-should depend on the chunk size, not on the number of rows.
+child, or of the helper process that prepares its chunks when the job is large enough for one,
+``cuscred.jobs.local_pool``; the helper's CPU counts as the job's), for the full dataset and
+for the small one, each in fresh processes. A job's memory should depend on the chunk size,
+not on the number of rows.
 
 Targets (printed, never asserted): (a) >= 70% of (b) rows/s; (a) >= 20x (c) rows/s; peak
 worker RSS for ``--rows`` within 20% of that for ``--small-rows``.
@@ -70,6 +72,7 @@ import json
 import os
 import pstats
 import random
+import resource
 import shutil
 import signal
 import sqlite3
@@ -519,10 +522,16 @@ def child_main(spec: dict[str, Any]) -> int:
     window = CpuWindow(postgres=spec["url"].startswith("postgresql"))
     profiler = cProfile.Profile() if spec.get("profile") else None
     window.start()
+    children0 = resource.getrusage(resource.RUSAGE_CHILDREN)
     cpu0, t0 = time.process_time(), time.perf_counter()
     rows = calls[method]() if profiler is None else profiler.runcall(calls[method])
     wall = time.perf_counter() - t0
-    client_cpu = time.process_time() - cpu0
+    # The job's helper processes (cuscred.jobs.local_pool) have exited and been reaped by
+    # now: their CPU and peak RSS are the job's too.
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    helpers_cpu = (children.ru_utime + children.ru_stime
+                   - children0.ru_utime - children0.ru_stime)
+    client_cpu = time.process_time() - cpu0 + helpers_cpu
     cpu = window.stop()
     peak_kib = proc_status_kib("self", "VmHWM")
     result: dict[str, Any] = {
@@ -530,8 +539,11 @@ def child_main(spec: dict[str, Any]) -> int:
         "wall_s": wall,
         "busy_before_pct": busy_before,
         "client_cpu_s": round(client_cpu, 2),
+        "helpers_cpu_s": round(helpers_cpu, 2),
         **cpu,
-        "rss_kib": {"baseline": baseline_kib, "peak": peak_kib},
+        "rss_kib": {"baseline": baseline_kib, "peak": peak_kib,
+                    # ru_maxrss: KiB on Linux; 0 when no helper ran
+                    "helper_peak": children.ru_maxrss if helpers_cpu else 0},
     }
     if method == "job":
         result["breakdown"] = job_breakdown(runtime)
@@ -783,7 +795,7 @@ def peak_of(run: dict[str, Any]) -> int:
     rss = run["rss_kib"]
     if "pool" in rss:
         return max(p["peak"] for p in rss["pool"])
-    return int(rss["process"]["peak"])
+    return max(int(rss["process"]["peak"]), int(rss["process"].get("helper_peak", 0)))
 
 
 def wait_for_quiet(args: argparse.Namespace) -> float:
@@ -968,6 +980,7 @@ def render(result: dict[str, Any]) -> str:
     for run in result["runs"]:
         cpu = (
             f"CPU client {run['client_cpu_s']}"
+            + (f" (helpers {run['helpers_cpu_s']})" if run.get("helpers_cpu_s") else "")
             + (f" server {run['server_cpu_s']}" if run["server_cpu_s"] is not None else "")
             + f" other {run['other_cpu_s']} (busy {run['machine_busy_pct']:.0f}%, "
             f"{run['busy_before_pct']:.0f}% just before)"
@@ -978,6 +991,8 @@ def render(result: dict[str, Any]) -> str:
             peak += " (at start " + "/".join(_mib(p["baseline"]) for p in rss["pool"]) + ")"
         else:
             peak = f"{_mib(rss['process']['peak'])} (at start {_mib(rss['process']['baseline'])})"
+            if rss["process"].get("helper_peak"):
+                peak += f", helper {_mib(rss['process']['helper_peak'])}"
         phases = ""
         if "breakdown" in run:
             b = run["breakdown"]
@@ -1008,7 +1023,8 @@ def render(result: dict[str, Any]) -> str:
             f"(target {t['job_over_naive']['target']}x: {verdict('job_over_naive')}; "
             f"(c) measured on the first {result['naive_rows']:,} rows)"
         )
-    who = "per worker process" if result["backend"] == "postgresql" else "of the job process"
+    who = ("per worker process" if result["backend"] == "postgresql"
+           else "of the job process or its helper")
     lines.append(
         f"   peak RSS {who}: {int(big):,} rows {_mib(rss[big])} MiB, {int(small):,} rows "
         f"{_mib(rss[small])} MiB, ratio {t['rss_big_over_small']['value']:.3f} "

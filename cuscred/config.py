@@ -130,6 +130,13 @@ class Settings(BaseSettings):
     chunk_max_attempts: int = Field(default=100, ge=1)
     #: Pending chunks with no progress for this long are enqueued again (lost messages).
     chunk_requeue_after_s: int = Field(default=300, ge=1)
+    #: Without a broker: helper processes that prepare (claim, read, re-encrypt) the chunks of
+    #: a large job while the calling process writes them (cuscred.jobs.local_pool). 0: none,
+    #: every chunk runs in the calling process. One uses a second core; more rarely help,
+    #: since the writes are serial.
+    local_prepare_processes: int = Field(default=1, ge=0, le=16)
+    #: ...for jobs of at least this many rows (a helper takes about a second to start).
+    local_prepare_min_rows: int = Field(default=50_000, ge=0)
     #: Rotate the KEK when the active version is older than this (checked daily by beat).
     kek_max_age_days: float = Field(default=90.0, ge=0)
     #: Retire the old KEK version when a rotation ends with a zero census for it.

@@ -133,8 +133,11 @@ def census(runtime: Runtime) -> tuple[dict[int, int], dict[int, str]]:
             {v.version: v.state for v in status.kek_versions})
 
 
-def rotate(runtime: Runtime, console: Console) -> JobView:
-    console.rule("KEK rotation, every chunk in this process")
+def rotate(runtime: Runtime, console: Console, rows: int) -> JobView:
+    settings = runtime.settings
+    helped = settings.local_prepare_processes and rows >= settings.local_prepare_min_rows
+    console.rule("KEK rotation, chunks written in this process, prepared by a helper" if helped
+                 else "KEK rotation, every chunk in this process")
     runner = AnnouncingRunner()
     service = runtime.rotation(runner, actor="demo")
     background = Background(lambda: service.rotate_kek(requested_by="demo"))
@@ -178,7 +181,7 @@ def run(workdir: Path, credentials: int, tenants: int, console: Console) -> Demo
         highlights(runtime, console)
         refs, items = load_data(runtime, credentials, tenants, console)
         before, states_before = census(runtime)
-        view = rotate(runtime, console)
+        view = rotate(runtime, console, sum(before.values()))
         retired = retire_unused(runtime, states_before, console)
         after, states_after = census(runtime)
         sample = check_sample(runtime, refs, items)

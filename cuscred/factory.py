@@ -16,6 +16,7 @@ from cuscred.config import KekSourceKind, Settings
 from cuscred.db.session import make_engine, make_session_factory
 from cuscred.jobs.celery_runner import CeleryRunner
 from cuscred.jobs.control import JobControl
+from cuscred.jobs.local_pool import PreparePool
 from cuscred.jobs.runner import InProcessRunner, JobRunner
 from cuscred.jobs.service import RotationService
 from cuscred.kek.local import LocalKeyring
@@ -65,7 +66,14 @@ class Runtime:
         service = RotationService(self.engine, self.keys, self.audit, self.settings, runner,
                                   actor=actor)
         if isinstance(runner, InProcessRunner):
-            runner.bind(service)
+            helpers = self.settings.local_prepare_processes
+
+            def pool() -> PreparePool:
+                return PreparePool(self.settings, helpers, actor=actor)
+
+            runner.bind(service, chunk_size=self.settings.chunk_size,
+                        pool_min_rows=self.settings.local_prepare_min_rows,
+                        pool=pool if helpers else None)
         return service
 
     def job_control(self, runner: JobRunner | None = None) -> JobControl:

@@ -234,7 +234,7 @@ def test_resume_after_an_interrupted_run_waits_for_the_dead_claim(
     svc.advance_rotation(job_id)
     svc.start_reencryption(job_id)
     svc.reencrypt_chunk(job_id, 1)
-    assert svc.chunks._claim(job_id, 2) is not None  # the process was killed inside chunk 2
+    assert svc.chunks.claim(job_id, 2) is not None  # the process was killed inside chunk 2
     code, _, err = run(cli_env, "jobs", "resume", str(job_id))
     assert code == 9 and f"job {job_id} running: {N - CHUNK} rows" in err
     assert "1 chunk(s) still claimed elsewhere" in err and "CUSCRED_CHUNK_LEASE_S" in err
@@ -372,7 +372,7 @@ def test_resume_after_a_chunk_gave_up_moves_its_rows(
     job_id, _ = svc.rotate_kek(requested_by="test")
     svc.advance_rotation(job_id)
     svc.start_reencryption(job_id)
-    assert svc.chunks._claim(job_id, 1) is not None  # a worker claims chunk 1 and dies
+    assert svc.chunks.claim(job_id, 1) is not None  # a worker claims chunk 1 and dies
     with runtime.engine.begin() as conn:
         conn.execute(update(ROTATION_CHUNKS).values(lease_until=utcnow()))
     for chunk_no in range(1, N // CHUNK + 1):  # chunk 1 gives up, the others complete

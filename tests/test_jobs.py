@@ -202,7 +202,7 @@ def test_crashed_chunk_is_swept_and_completes(runtime: Runtime) -> None:
     svc.advance_rotation(job_id)
     svc.start_reencryption(job_id)
     # A worker claims chunk 1 and dies before its work transaction commits.
-    assert svc.chunks._claim(job_id, 1) is not None
+    assert svc.chunks.claim(job_id, 1) is not None
     assert svc.reencrypt_chunk(job_id, 1).status == "not_claimed"  # leased to the dead one
     with runtime.engine.begin() as conn:  # let the lease run out
         conn.execute(update(ROTATION_CHUNKS).values(lease_until=utcnow()))

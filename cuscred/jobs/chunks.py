@@ -34,7 +34,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any
+from typing import Any, NamedTuple
 
 from sqlalchemy import Connection, Engine, insert, select, update
 from sqlalchemy.exc import OperationalError, SQLAlchemyError
@@ -82,7 +82,10 @@ class ChunkOutcome:
 
 
 @dataclass(frozen=True, slots=True)
-class _Claim:
+class ChunkClaim:
+    """A chunk taken by one worker until its lease runs out: the token its writes must match,
+    what the chunk covers and the KEK versions its work may need. Ids and numbers only."""
+
     token: str
     target_kek: int
     tenant_id: str | None
@@ -91,16 +94,26 @@ class _Claim:
     readable: frozenset[int]  # KEK versions that may still decrypt
 
 
+class RowRef(NamedTuple):
+    """Who a row read by a chunk belongs to: what its audit event names."""
+
+    pk: int
+    tenant_id: str
+    credential_id: str
+
+
 @dataclass(slots=True)
 class PreparedChunk:
     """A claimed chunk whose rows are re-encrypted in memory, not yet written: ids, new
-    ciphertexts and counts (no plaintext, no key). :meth:`ChunkProcessor.finish` writes it."""
+    ciphertexts and counts (no plaintext, no key). :meth:`ChunkProcessor.finish` writes it,
+    in this process or, pickled, in the one that prepared it (:mod:`cuscred.jobs.local_pool`).
+    """
 
     job_id: int
     chunk_no: int
-    claim: _Claim
+    claim: ChunkClaim
     started: float
-    rows: list[Any]
+    rows: list[RowRef]
     resealed: list[Reseal]
     failures: list[tuple[str, str]]
 
@@ -142,9 +155,15 @@ class ChunkProcessor:
     def prepare(self, job_id: int, chunk_no: int) -> PreparedChunk | ChunkOutcome:
         """Claim the chunk, load its keys and re-encrypt its stale rows in memory (no write
         lock is held). A chunk that cannot be claimed comes back as its outcome."""
-        claim = self._claim(job_id, chunk_no)
+        claim = self.claim(job_id, chunk_no)
         if claim is None:
             return ChunkOutcome(job_id, chunk_no, "not_claimed")
+        return self.prepare_claimed(job_id, chunk_no, claim)
+
+    def prepare_claimed(self, job_id: int, chunk_no: int, claim: ChunkClaim) -> PreparedChunk:
+        """The work of :meth:`prepare` after the claim: reads only, so another process (a
+        helper of :mod:`cuscred.jobs.local_pool`) can do it while this one writes. On error
+        the claim is released and the error raised."""
         started = time.monotonic()
         try:
             self._prefetch_keks(claim.target_kek, claim.readable)
@@ -156,7 +175,8 @@ class ChunkProcessor:
         except BaseException as exc:
             self._failed(job_id, chunk_no, claim.token, started, exc)
             raise
-        return PreparedChunk(job_id, chunk_no, claim, started, rows, resealed, failures)
+        refs = [RowRef(r.pk, r.tenant_id, r.credential_id) for r in rows]
+        return PreparedChunk(job_id, chunk_no, claim, started, refs, resealed, failures)
 
     def finish(self, prepared: PreparedChunk) -> ChunkOutcome:
         """Write a prepared chunk in one transaction (see the module docstring)."""
@@ -184,10 +204,11 @@ class ChunkProcessor:
 
     # --- claim / release ----------------------------------------------------------------------
 
-    def _claim(self, job_id: int, chunk_no: int) -> _Claim | None:
-        """Take the chunk; return its claim token, what it covers, and the KEK versions its
-        work may need (the job's target, and every version that can still decrypt). None: it
-        is finished, cancelled, held by another worker, or given up (which this records)."""
+    def claim(self, job_id: int, chunk_no: int) -> ChunkClaim | None:
+        """Take the chunk, in its own short transaction: its claim token, what it covers, and
+        the KEK versions its work may need (the job's target, and every version that can still
+        decrypt). None: it is finished, cancelled, held by another worker, or given up (which
+        this records)."""
         with self._engine.begin() as conn:
             chunk = _locked_chunk(conn, job_id, chunk_no)
             if chunk is None or chunk.status in _TERMINAL:
@@ -215,8 +236,8 @@ class ChunkProcessor:
                 crashes=crashes, claim_token=token, started_at=now,
                 lease_until=now + timedelta(seconds=self._settings.chunk_lease_s),
             )
-            return _Claim(token, int(job.target_kek_version), job.tenant_id, int(chunk.pk_lo),
-                          int(chunk.pk_hi), self._readable(conn))
+            return ChunkClaim(token, int(job.target_kek_version), job.tenant_id,
+                              int(chunk.pk_lo), int(chunk.pk_hi), self._readable(conn))
 
     def _readable(self, conn: Connection) -> frozenset[int]:
         return frozenset(v for v, state in self._keys.kek_states(conn).items()
@@ -335,7 +356,7 @@ class ChunkProcessor:
         return resealed, failures
 
     def _append_events(
-        self, conn: Connection, job_id: int, rows: Sequence[Any], written: set[int],
+        self, conn: Connection, job_id: int, rows: Sequence[RowRef], written: set[int],
         failures: list[tuple[str, str]],
     ) -> None:
         """One audit event per row moved (in primary-key order), then one per row that
@@ -388,4 +409,5 @@ def _failure_summary(failures: list[tuple[str, str]]) -> str | None:
     return f"{len(failures)} row(s) failed: {', '.join(reasons)}"[:500]
 
 
-__all__ = ["ChunkOutcome", "ChunkProcessor", "PreparedChunk", "is_retryable"]
+__all__ = ["ChunkClaim", "ChunkOutcome", "ChunkProcessor", "PreparedChunk", "RowRef",
+           "is_retryable"]

@@ -32,7 +32,7 @@ from cuscred.db.models import (
     KeyState,
 )
 from cuscred.errors import InvalidInputError
-from cuscred.jobs.chunks import ChunkOutcome, ChunkProcessor
+from cuscred.jobs.chunks import ChunkClaim, ChunkOutcome, ChunkProcessor, PreparedChunk
 from cuscred.jobs.finalize import FINAL, FinalizeResult, finalize
 from cuscred.jobs.planning import create_job, plan_pass
 from cuscred.jobs.runner import JobRunner
@@ -168,10 +168,26 @@ class RotationService:
         return chunk_nos
 
     def reencrypt_chunk(self, job_id: int, chunk_no: int) -> ChunkOutcome:
-        outcome = self.chunks.process(job_id, chunk_no)
+        return self._after_chunk(self.chunks.process(job_id, chunk_no))
+
+    def claim_chunk(self, job_id: int, chunk_no: int) -> ChunkClaim | None:
+        """Take a chunk for a helper process to prepare (see :meth:`finish_chunk`)."""
+        return self.chunks.claim(job_id, chunk_no)
+
+    def prepare_claimed(self, job_id: int, chunk_no: int, claim: ChunkClaim) -> PreparedChunk:
+        """What a helper process does with a claimed chunk, done here instead."""
+        return self.chunks.prepare_claimed(job_id, chunk_no, claim)
+
+    def finish_chunk(self, prepared: PreparedChunk | ChunkOutcome) -> ChunkOutcome:
+        """:meth:`reencrypt_chunk` for a chunk another process prepared (claimed, read and
+        re-encrypted): write it here, or take the outcome of one it could not claim."""
+        outcome = prepared if isinstance(prepared, ChunkOutcome) else self.chunks.finish(prepared)
+        return self._after_chunk(outcome)
+
+    def _after_chunk(self, outcome: ChunkOutcome) -> ChunkOutcome:
         if outcome.status in (ChunkStatus.DONE, ChunkStatus.FAILED, ChunkStatus.CANCELLED,
-                              "not_claimed") and self.all_chunks_final(job_id):
-            self.runner.finalize(job_id)
+                              "not_claimed") and self.all_chunks_final(outcome.job_id):
+            self.runner.finalize(outcome.job_id)
         return outcome
 
     def finalize_job(self, job_id: int) -> FinalizeResult:
