@@ -919,7 +919,8 @@ def summarise(
         )
     else:
         database = "SQLite file (WAL, synchronous=FULL)"
-        job_how = "in-process runner (no broker), one process"
+        job_how = ("in-process runner (no broker); a helper process prepares chunks of jobs "
+                   "of CUSCRED_LOCAL_PREPARE_MIN_ROWS rows or more")
     return {
         "backend": backend,
         "database": database,
