@@ -73,7 +73,8 @@ class Runtime:
 
             runner.bind(service, chunk_size=self.settings.chunk_size,
                         pool_min_rows=self.settings.local_prepare_min_rows,
-                        pool=pool if helpers else None)
+                        pool=pool if helpers else None,
+                        pool_timeout_s=self.settings.chunk_time_limit_s)
         return service
 
     def job_control(self, runner: JobRunner | None = None) -> JobControl:

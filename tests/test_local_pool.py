@@ -27,15 +27,17 @@ from tests.worker_fixtures import Seeded, assert_no_secrets, assert_rows_readabl
 class _Watched(PreparePool):
     """The real pool, remembering what it was asked and what came back."""
 
-    def __init__(self, *args: Any, kill_after: int | None = None, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, kill_after: int | None = None,
+                 signal_to_send: signal.Signals = signal.SIGKILL, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.submitted = 0
         self.kill_after = kill_after
+        self.signal = signal_to_send
         self.futures: list[Any] = []
 
     @property
     def results(self) -> list[Any]:
-        return [f.exception() or f.result() for f in self.futures]
+        return [f.exception() or f.result() for f in self.futures if not f.cancelled()]
 
     def submit(self, *args: Any) -> Any:
         future = super().submit(*args)
@@ -44,15 +46,17 @@ class _Watched(PreparePool):
         if self.submitted == self.kill_after:
             future.result()  # a helper is up and has worked: kill it before the next one
             for child in multiprocessing.active_children():
-                os.kill(child.pid or 0, signal.SIGKILL)
+                os.kill(child.pid or 0, self.signal)
         return future
 
 
-def _pooled(runtime: Runtime, pool: _Watched) -> tuple[RotationService, InProcessRunner]:
+def _pooled(runtime: Runtime, pool: _Watched,
+            timeout_s: float = 300.0) -> tuple[RotationService, InProcessRunner]:
     settings = runtime.settings.model_copy(update={"chunk_size": 40})
     runner = InProcessRunner()
     service = RotationService(runtime.engine, runtime.keys, runtime.audit, settings, runner)
-    runner.bind(service, pool=lambda: pool, pool_min_rows=200, chunk_size=40)
+    runner.bind(service, pool=lambda: pool, pool_min_rows=200, chunk_size=40,
+                pool_timeout_s=timeout_s)
     return service, runner
 
 
@@ -95,13 +99,29 @@ def test_a_helper_killed_mid_job_costs_nothing(
         job_id, _ = service.rotate_kek(requested_by="test")
     # The runner saw the helper die (a future it held failed, or the next hand-over found no
     # helper left)...
-    assert "a chunk helper process died" in caplog.text
+    assert "a chunk helper process died or hung" in caplog.text
     # ...and prepared every chunk the dead helper held here, with the same claim: no chunk
     # waits for its lease, and the job completes in this call with exact counts.
     _assert_exact(runtime, job_id, data)
     with runtime.engine.connect() as conn:
         assert conn.execute(text("SELECT max(attempts) FROM rotation_chunks WHERE job_id = :j"),
                             {"j": job_id}).scalar_one() == 1
+
+
+def test_a_helper_that_hangs_is_killed_and_its_chunks_prepared_here(
+    runtime: Runtime, caplog: pytest.LogCaptureFixture,
+) -> None:
+    """SIGSTOP: the helper neither answers nor dies. Past the chunk time limit (2 s here) it
+    is killed, and the chunks it held are prepared here with their claims."""
+    data = seed(runtime, 600, 20)
+    pool = _Watched(runtime.settings, 1, actor="rotation-worker", kill_after=3,
+                    signal_to_send=signal.SIGSTOP)
+    service, _ = _pooled(runtime, pool, timeout_s=2.0)
+    with caplog.at_level(logging.WARNING, logger="cuscred.jobs.runner"):
+        job_id, _ = service.rotate_kek(requested_by="test")
+    assert "died or hung" in caplog.text
+    assert multiprocessing.active_children() == []  # killed, not left stopped
+    _assert_exact(runtime, job_id, data)
 
 
 def test_small_jobs_stay_in_one_process(runtime: Runtime) -> None:

@@ -82,7 +82,15 @@ class PreparePool:
         helper holding SQLite's write lock would stall the writer)."""
         return self._executor.submit(_prepare, job_id, chunk_no, claim)
 
-    def close(self) -> None:
+    def close(self, *, kill: bool = False) -> None:
+        """Stop the helpers; with ``kill``, at once (one that hangs would never return from
+        its call, and one that came back later must not release a claim prepared here)."""
+        if kill:
+            # The executor keeps no public handle on its processes (3.14 adds
+            # terminate_workers()); a pool that has not started any has none to kill.
+            processes = getattr(self._executor, "_processes", None) or {}
+            for process in list(processes.values()):
+                process.kill()
         self._executor.shutdown(wait=True, cancel_futures=True)
 
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 from collections import deque
 from collections.abc import Callable
-from concurrent.futures import Future
+from concurrent.futures import CancelledError, Future
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
@@ -80,16 +80,19 @@ class InProcessRunner:
         self._attempts = attempts
         self._pool_factory: Callable[[], PreparePool] | None = None
         self._pool_min_chunks = 2
+        self._pool_timeout_s = 300.0
 
     def bind(
         self, steps: JobSteps, *, pool: Callable[[], PreparePool] | None = None,
-        pool_min_rows: int = 0, chunk_size: int = 1,
+        pool_min_rows: int = 0, chunk_size: int = 1, pool_timeout_s: float = 300.0,
     ) -> None:
         """Drive ``steps``; with ``pool``, prepare the chunks of jobs of ``pool_min_rows`` or
-        more rows (chunks of ``chunk_size``) in helper processes."""
+        more rows (chunks of ``chunk_size``) in helper processes, each chunk within
+        ``pool_timeout_s`` (a chunk's time limit)."""
         self._steps = steps
         self._pool_factory = pool
         self._pool_min_chunks = max(2, -(-pool_min_rows // max(chunk_size, 1)))
+        self._pool_timeout_s = pool_timeout_s
 
     def advance_rotation(self, job_id: int) -> None:
         self._push(_Step(f"advance_rotation({job_id})",
@@ -183,13 +186,15 @@ class InProcessRunner:
                     self._run(todo.pop())
                 starting = False
                 try:
-                    prepared = handed.future.result()
-                except BrokenProcessPool:
-                    # A helper died (killed, out of memory): it wrote nothing, and this process
-                    # holds every claim it handed out, so it prepares those chunks itself.
+                    prepared = handed.future.result(timeout=self._pool_timeout_s)
+                except (BrokenProcessPool, TimeoutError, CancelledError):
+                    # A helper died (killed, out of memory) or hung past a chunk's time limit:
+                    # it wrote nothing, and this process holds every claim it handed out, so it
+                    # stops the helpers for good (cancelling what they had not started) and
+                    # prepares those chunks itself.
                     if pool is not None:
-                        log.warning("a chunk helper process died; the job goes on here")
-                        pool.close()
+                        log.warning("a chunk helper process died or hung; the job goes on here")
+                        pool.close(kill=True)
                         pool = None
                     self._finish(handed.step, self._prepare_here(handed))
                     continue
