@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import re
+import sys
 
 REDACTED = "[REDACTED]"
 
@@ -51,4 +52,14 @@ class RedactingFilter(logging.Filter):
         return True
 
 
-__all__ = ["REDACTED", "RedactingFilter", "redact"]
+def log_warnings_to_stderr() -> None:
+    """Warnings and errors to stderr, every handler through :class:`RedactingFilter`: the CLI
+    and the job helper processes (the worker has its own handler, ``worker/logging.py``)."""
+    logging.basicConfig(level=logging.WARNING, stream=sys.stderr,
+                        format="%(levelname)s %(name)s: %(message)s")
+    for handler in logging.getLogger().handlers:
+        if not any(isinstance(f, RedactingFilter) for f in handler.filters):
+            handler.addFilter(RedactingFilter())
+
+
+__all__ = ["REDACTED", "RedactingFilter", "log_warnings_to_stderr", "redact"]

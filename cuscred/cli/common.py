@@ -20,7 +20,6 @@ Exit codes (also in the README) let a shell script tell failures apart:
 
 from __future__ import annotations
 
-import logging
 import os
 import sys
 from collections.abc import Iterator
@@ -36,7 +35,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from cuscred import errors
 from cuscred.config import Settings
 from cuscred.factory import Runtime, build_runtime
-from cuscred.logging_redaction import RedactingFilter
+from cuscred.logging_redaction import log_warnings_to_stderr
 
 EXIT_INTERNAL = 1
 EXIT_NOT_FOUND = 3
@@ -183,11 +182,7 @@ def print_json(data: Any) -> None:
 def quiet_logging() -> None:
     """Warnings and errors to stderr, through the redaction filter (a second line of defence:
     nothing of ours logs a secret, but a third-party library might)."""
-    logging.basicConfig(level=logging.WARNING, stream=sys.stderr,
-                        format="%(levelname)s %(name)s: %(message)s")
-    for handler in logging.getLogger().handlers:
-        if not any(isinstance(f, RedactingFilter) for f in handler.filters):
-            handler.addFilter(RedactingFilter())
+    log_warnings_to_stderr()
 
 
 __all__ = [

@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from cuscred.config import Settings
 from cuscred.errors import CuscredError
 from cuscred.jobs.chunks import ChunkClaim, ChunkOutcome, ChunkProcessor, PreparedChunk
+from cuscred.logging_redaction import log_warnings_to_stderr
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +52,7 @@ def _start_helper(settings: Settings, actor: str) -> None:
     global _processor
     from cuscred.factory import build_runtime  # the factory imports the runners
 
+    log_warnings_to_stderr()  # a fresh interpreter: the same redacting handler as the CLI's
     runtime = build_runtime(settings, preflight=False)
     _processor = ChunkProcessor(runtime.engine, runtime.keys, runtime.audit, settings,
                                 actor=actor)
