@@ -15,6 +15,7 @@ from collections.abc import Mapping
 from cuscred.errors import (
     CuscredTypeError,
     InvalidContextError,
+    InvalidInputError,
     InvalidSecretError,
     InvalidTenantError,
 )
@@ -71,6 +72,21 @@ def validate_tenant_id(value: object) -> str:
             "goes would be stored and audited in clear, so it is refused"
         )
     return tenant_id
+
+
+_ACTOR = re.compile(r"[ -~]{1,128}")  # printable ASCII: it is written to the audit trail
+
+
+def validate_actor(value: object) -> str:
+    """``value`` if it can be recorded as who acted: 1-128 printable ASCII characters, and
+    not shaped like a provider API key (:func:`key_shaped`: actors are audited in clear).
+
+    Raises :class:`InvalidInputError` (never echoing the value) otherwise.
+    """
+    if not isinstance(value, str) or not _ACTOR.fullmatch(value) or key_shaped(value):
+        raise InvalidInputError("actor must be 1-128 printable ASCII characters, and not "
+                                "shaped like a provider API key")
+    return str.__str__(value)
 
 
 def key_shaped(value: str) -> str | None:

@@ -12,12 +12,11 @@ from __future__ import annotations
 
 import logging
 import random
-import re
 from typing import Any
 
 from celery import Task
 
-from cuscred.errors import CuscredError
+from cuscred.errors import CuscredError, InvalidInputError
 from cuscred.jobs.celery_runner import (
     TASK_ADVANCE,
     TASK_CHUNK,
@@ -28,12 +27,12 @@ from cuscred.jobs.celery_runner import (
 from cuscred.jobs.chunks import is_retryable
 from cuscred.jobs.control import JobControl
 from cuscred.jobs.service import RotationService
+from cuscred.validation import validate_actor
 from worker import runtime as process_runtime
 from worker.app import app
 from worker.config import TASK_CHECK_ROTATION_DUE, TASK_SWEEP
 
 log = logging.getLogger("cuscred.tasks")
-_PRINTABLE = re.compile(r"[ -~]{1,64}")
 MAX_RETRIES = 40
 BACKOFF_CAP_S = 60
 #: Follow-up steps go out through this worker's own app: one broker connection pool per
@@ -76,11 +75,15 @@ def _ids(*values: object) -> tuple[int, ...]:
 
 
 def _actor(requested_by: object) -> str:
-    """Who asked, as the audit trail records it: 1-64 printable ASCII characters."""
-    if not isinstance(requested_by, str) or not _PRINTABLE.fullmatch(requested_by):
-        log.error("task refused: requested_by is not 1-64 printable ASCII characters")
-        raise TaskFailedError("invalid_arguments")
-    return str.__str__(requested_by)
+    """Who asked, as the audit trail records it (:func:`validate_actor`), at most 64
+    characters."""
+    try:
+        if isinstance(requested_by, str) and len(requested_by) <= 64:
+            return validate_actor(requested_by)
+    except InvalidInputError:
+        pass
+    log.error("task refused: requested_by is not an acceptable actor")
+    raise TaskFailedError("invalid_arguments")
 
 
 _JOB = {"bind": True, "acks_late": True, "reject_on_worker_lost": True, "max_retries": MAX_RETRIES}

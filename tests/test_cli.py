@@ -207,3 +207,16 @@ def test_context_options_must_be_key_value_and_name_each_key_once(
         assert code == 6 and not out and "--context option" in err
     code, out, _ = run(cli_env, "list", "--tenant", "acme", "--json")
     assert json.loads(out) == []
+
+
+def test_a_key_shaped_actor_is_refused_before_anything_runs(cli_env: dict[str, str]) -> None:
+    key = "AKIAIOSFODNN7EXAMPLE"
+    assert run(cli_env, "keygen")[0] == 0
+    assert run(cli_env, "put", "--tenant", "acme", stdin=SECRET + "\n")[0] == 0  # v1 recorded
+    for args in (["keys", "create"], ["kek", "rotate"], ["reencrypt"], ["rekey", "acme"]):
+        code, out, err = run(cli_env, "--actor", key, *args)
+        assert code == 6 and key not in out + err and "API key" in err
+    code, out, _ = run(cli_env, "keys", "status", "--json")
+    assert [v["version"] for v in json.loads(out)["kek_versions"]] == [1]
+    code, out, _ = run(cli_env, "jobs", "--json")
+    assert json.loads(out) == []

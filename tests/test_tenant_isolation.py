@@ -12,6 +12,7 @@ import pytest
 from sqlalchemy import text
 
 from cuscred.errors import (
+    AuditWriteError,
     CredentialNotFoundError,
     CuscredError,
     InvalidInputError,
@@ -20,6 +21,7 @@ from cuscred.errors import (
     ScopeError,
 )
 from cuscred.factory import Runtime, build_runtime
+from cuscred.services.audit import AuditRecord
 from tests.conftest import Database
 from tests.vault_fixtures import vault_settings
 from tests.vault_server import OpenBaoServer
@@ -188,5 +190,24 @@ def test_a_secret_passed_as_the_tenant_or_actor_is_refused_and_never_recorded(
         assert conn.execute(text("SELECT COUNT(*) FROM tenant_keys WHERE tenant_id = :k"),
                             {"k": key}).scalar() == 0
     assert key not in stored and key[4:16] not in stored
+    # Every path that takes an actor refuses it before writing anything: jobs (their row
+    # records who asked), key changes (before the KEK source is written), the audit log itself.
+    latest = runtime.keys.source.latest_version()
+    rotation = runtime.rotation()
+    for start in (lambda: rotation.rotate_kek(requested_by=key),
+                  lambda: rotation.reencrypt(requested_by=key),
+                  lambda: rotation.rekey_tenant("ab", requested_by=key),
+                  lambda: runtime.key_admin(actor=key).create_version(),
+                  lambda: runtime.key_admin().adopt_or_create(actor=key),
+                  lambda: runtime.rotation(actor=key)):
+        with pytest.raises(InvalidInputError):
+            start()
+    with pytest.raises(AuditWriteError), runtime.engine.begin() as conn:
+        runtime.audit.append(conn, [AuditRecord(action="x", outcome="success", actor=key)])
+    assert runtime.keys.source.latest_version() == latest
+    with runtime.engine.connect() as conn:
+        assert conn.execute(text("SELECT COUNT(*) FROM rotation_jobs")).scalar() == 0
+        assert conn.execute(text("SELECT COUNT(*) FROM audit_events WHERE actor = :k"),
+                            {"k": key}).scalar() == 0
     # A tenant id that is a UUID without dashes (32 hex digits, like an Azure key) is fine.
     assert svc.encrypt_credential(uuid.uuid4().hex, "sk-proj-" + "hexTenantValue1" * 3)

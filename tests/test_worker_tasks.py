@@ -114,7 +114,9 @@ def test_arguments_that_are_not_ids_are_refused_without_being_logged(stack: Stac
     _send(stack, "tasks.rotation.finalize_job", True)
     _send(stack, "tasks.rotation.start_reencryption", -3)
     _send(stack, "tasks.rotation.rotate_kek", requested_by=poison)
-    worker.wait_for_log(r"task refused", count=4)
+    _send(stack, "tasks.rotation.rotate_kek", requested_by="AKIAIOSFODNN7EXAMPLE")
+    worker.wait_for_log(r"task refused", count=5)
+    assert "AKIAIOSFODNN7EXAMPLE" not in worker.log()
     assert "drop table" not in worker.log() and "[fake]" not in worker.log()
     assert stack.scalar("SELECT count(*) FROM rotation_jobs") == 0
 

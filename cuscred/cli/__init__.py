@@ -7,7 +7,8 @@ from typing import Annotated
 import typer
 
 from cuscred.cli import admin, credentials, jobs, moving, rotation
-from cuscred.cli.common import CliState, quiet_logging
+from cuscred.cli.common import CliState, handled, quiet_logging
+from cuscred.validation import validate_actor
 
 app = typer.Typer(
     name="cuscred",
@@ -26,6 +27,9 @@ def _root(
     ] = None,
 ) -> None:
     quiet_logging()
+    if actor is not None:
+        with handled():  # refused before anything runs (exit 6), never echoed
+            actor = validate_actor(actor)
     cli_state = CliState(actor=actor)
     ctx.obj = cli_state
     ctx.call_on_close(cli_state.close)

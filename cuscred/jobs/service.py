@@ -39,7 +39,7 @@ from cuscred.jobs.runner import JobRunner
 from cuscred.services.audit import AuditLog, AuditRecord, Outcome
 from cuscred.services.key_admin import KeyAdmin
 from cuscred.services.keys import KeyManager
-from cuscred.validation import validate_tenant_id
+from cuscred.validation import validate_actor, validate_tenant_id
 
 _J = ROTATION_JOBS
 _CH = ROTATION_CHUNKS
@@ -57,7 +57,7 @@ class RotationService:
         self.audit = audit
         self.settings = settings
         self.runner = runner
-        self.actor = actor
+        self.actor = validate_actor(actor)
         self.chunks = chunks or ChunkProcessor(engine, keys, audit, settings, actor=actor)
         self._admin = KeyAdmin(engine, keys, audit, actor)
 
@@ -66,6 +66,7 @@ class RotationService:
     def rotate_kek(self, *, requested_by: str) -> tuple[int, bool]:
         """Start a KEK rotation; returns ``(job id, created)``. If one is already in flight
         (another beat, an operator), that job's id comes back with ``created=False``."""
+        requested_by = validate_actor(requested_by)
         try:
             with self.engine.begin() as conn:
                 job_id = create_job(conn, JobKind.KEK_ROTATION, requested_by=requested_by,
@@ -98,6 +99,7 @@ class RotationService:
         """A new key generation (fresh salt; ``kdf``, default the configured one) for one
         tenant and a job moving its rows to it."""
         tenant = validate_tenant_id(tenant_id)
+        requested_by = validate_actor(requested_by)
         kdf = kdf or self.keys.default_kdf()
         with self.engine.begin() as conn:
             if self.keys.active_generation(conn, tenant, create=False) is None:
@@ -124,6 +126,7 @@ class RotationService:
         KDF name or when no tenant's active generation uses ``current``.
         """
         current = parse_kdf_name(current)
+        requested_by = validate_actor(requested_by)
         with self.engine.begin() as conn:
             tenants = self.keys.tenants_on_kdf(conn, current)
             if not tenants:
@@ -142,6 +145,7 @@ class RotationService:
     def reencrypt(self, *, requested_by: str, tenant_id: str | None = None) -> int:
         """A job moving rows (all, or one tenant's) onto the active KEK and generations."""
         tenant = None if tenant_id is None else validate_tenant_id(tenant_id)
+        requested_by = validate_actor(requested_by)
         with self.engine.begin() as conn:
             kek = self.keys.active_kek_version(conn)
             job_id = create_job(conn, JobKind.REENCRYPT, requested_by=requested_by,

@@ -32,7 +32,7 @@ from cuscred.errors import (
 )
 from cuscred.references import EncryptedRef, Reference, parse_reference
 from cuscred.services.audit import AuditLog, AuditRecord, Outcome, fingerprint_reference
-from cuscred.validation import key_shaped
+from cuscred.validation import key_shaped, validate_actor
 
 #: Refusals recorded as ``denied``: policy said no, or the caller named a tenant or reference
 #: the service will not act on at all. Traversal (``..``, encodings, look-alikes) and a
@@ -43,7 +43,6 @@ _DENIALS = (
     InvalidTenantError,
 )
 _SAFE_TENANT = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
-_SAFE_ACTOR = re.compile(r"[ -~]{1,128}")  # printable ASCII: it is written to the audit trail
 
 
 @dataclass(slots=True)
@@ -103,16 +102,17 @@ class AttemptRecorder:
         # argument, and validation refuses it.
         tenant = (str.__str__(tenant_id) if isinstance(tenant_id, str)
                   and _SAFE_TENANT.fullmatch(tenant_id) and not key_shaped(tenant_id) else None)
-        good_actor = (isinstance(actor, str) and _SAFE_ACTOR.fullmatch(actor) is not None
-                      and not key_shaped(actor))
+        try:
+            recorded_actor, bad_actor = validate_actor(actor), None
+        except InvalidInputError as exc:
+            recorded_actor, bad_actor = "<invalid actor>", exc
         attempt = Attempt(action=action,
-                          actor=str.__str__(actor) if good_actor else "<invalid actor>",
+                          actor=recorded_actor,
                           tenant_id=tenant)
         self._identify(attempt, reference)
         try:
-            if not good_actor:
-                raise InvalidInputError("actor must be 1-128 printable ASCII characters, "
-                                        "and not shaped like a provider API key")
+            if bad_actor is not None:
+                raise bad_actor
             yield attempt
         except SQLAlchemyError as exc:
             error = StorageError("database error; the operation may not have completed, retry")

@@ -37,6 +37,7 @@ from cuscred.crypto.keys import Kek
 from cuscred.db.models import AUDIT_EVENTS, utcnow
 from cuscred.db.raw import Executor
 from cuscred.errors import AuditWriteError, CuscredError
+from cuscred.validation import key_shaped
 
 GENESIS_MAC = "0" * 64
 AUDIT_LOCK_ID = 0x6375736175646974  # "cusaudit"
@@ -309,6 +310,17 @@ def _insert(conn: Executor, rows: list[tuple[object, ...]]) -> None:
         conn.exec_driver_sql(_SQLITE_INSERT_MANY, rows)
 
 
+def _refuse_key_shaped_actors(records: Iterable[AuditRecord]) -> None:
+    """The last line before the trail: an actor is stored in clear and chained for good, so
+    one shaped like a provider key (a secret in the wrong argument) is never written, whatever
+    path it came by (callers validate it first: :func:`cuscred.validation.validate_actor`)."""
+    for record in records:
+        if key_shaped(record.actor):
+            metrics.AUDIT_WRITE_FAILURES.inc()
+            raise AuditWriteError("audit event not written: the actor has the shape of a "
+                                  "provider API key")
+
+
 class AuditLog:
     """Writes audit events inside the caller's transaction."""
 
@@ -332,6 +344,7 @@ class AuditLog:
         """
         records = list(records)
         if records:
+            _refuse_key_shaped_actors(records)
             self._write(conn, tail, len(records), lambda *chain_args: _chain(
                 records, *chain_args))
 
@@ -349,6 +362,7 @@ class AuditLog:
         exactly what :meth:`append` would write for the same records."""
         if not subjects and not then:
             return
+        _refuse_key_shaped_actors([template, *then])
 
         def chain(seq: int, prev_mac: str, key: bytes, version: int, ts: datetime,
                   stored_ts: object) -> list[tuple[object, ...]]:

@@ -17,6 +17,7 @@ from cuscred.db.models import CREDENTIALS, KEK_VERSIONS, TENANT_KEYS, KeyState
 from cuscred.services.attempts import AttemptRecorder
 from cuscred.services.audit import AuditLog
 from cuscred.services.keys import KeyManager
+from cuscred.validation import validate_actor
 
 _KV = KEK_VERSIONS
 _TK = TENANT_KEYS
@@ -97,6 +98,7 @@ class KeyAdmin:
         On a fresh installation (no version recorded yet) the first version becomes ``active``
         at once: there is nothing to keep readable and nothing to re-encrypt.
         """
+        validate_actor(actor or self.actor)  # before the source is written: nothing to undo
         with self._engine.connect() as conn:
             first = not self._keys.kek_states(conn, fresh=True)
         version = self._keys.source.add_version()
@@ -105,6 +107,7 @@ class KeyAdmin:
 
     def adopt_or_create(self, *, actor: str | None = None) -> int:
         """Step 1, idempotent: adopt a newer version an operator wrote, else create one."""
+        validate_actor(actor or self.actor)
         with self._engine.connect() as conn:
             known = self._keys.kek_states(conn, fresh=True)
         latest = self._keys.source.latest_version()
