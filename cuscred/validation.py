@@ -74,6 +74,22 @@ def validate_tenant_id(value: object) -> str:
     return tenant_id
 
 
+def safe_text(value: str) -> str:
+    """``value`` if it is printable text, else an ASCII escape of it (``\x1b``, ``\udc80``).
+
+    For ids read back from the database and written again (a job's failure records, audit
+    events) or shown on a terminal: one edited outside cuscred may hold control characters
+    or, on SQLite, bytes that are not UTF-8 (see :func:`cuscred.db.session.sqlite_text`).
+    """
+    if value.isprintable():
+        try:
+            value.encode()
+            return value
+        except UnicodeEncodeError:
+            pass
+    return ascii(value)[1:-1]
+
+
 _ACTOR = re.compile(r"[ -~]{1,128}")  # printable ASCII: it is written to the audit trail
 
 

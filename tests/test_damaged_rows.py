@@ -9,7 +9,9 @@ there, and the test is skipped on it.)"""
 
 from __future__ import annotations
 
+import contextlib
 import json
+import sqlite3
 
 import pytest
 from sqlalchemy import text
@@ -82,3 +84,40 @@ def test_a_non_utf8_text_value_is_a_damaged_row_not_an_outage(sqlite_runtime: Ru
     for cid in on_v2:
         tenant, plaintext, context = data.rows[cid]
         assert svc.resolve_credential(tenant, f"encrypted://{cid}", context) == plaintext
+
+
+def test_damaged_ids_are_failed_rows_and_printed_escaped(sqlite_runtime: Runtime) -> None:
+    """A credential id or tenant id edited into non-UTF-8 TEXT, or into terminal escape
+    sequences: the job records those rows as failed (under an escaped id) and ends
+    ``completed_with_errors``; verify and the listing show escapes, never the raw bytes."""
+    runtime = sqlite_runtime
+    data = seed(runtime, 90, 3)
+    ids = sorted(data.rows)
+    with runtime.engine.begin() as conn:
+        conn.execute(text(f"UPDATE credentials SET credential_id = CAST({_NOT_UTF8} AS TEXT) "
+                          "WHERE credential_id = :c"), {"c": ids[1]})
+        conn.execute(text("UPDATE credentials SET credential_id = 'cred_' || char(27) || "
+                          "'[2J' || char(7) WHERE credential_id = :c"), {"c": ids[3]})
+    # As the sqlite3 shell does it: foreign keys are not enforced there by default.
+    with contextlib.closing(sqlite3.connect(str(runtime.engine.url.database))) as raw:
+        raw.execute(f"UPDATE credentials SET tenant_id = CAST({_NOT_UTF8} AS TEXT) "
+                    "WHERE credential_id = ?", (ids[2],))
+        raw.commit()
+    job_id, _ = runtime.rotation().rotate_kek(requested_by="test")
+    with runtime.engine.connect() as conn:
+        job = conn.execute(text("SELECT status, total, done, failed FROM rotation_jobs "
+                                "WHERE id = :j"), {"j": job_id}).one()
+        failed = sorted(conn.execute(text(
+            "SELECT credential_id FROM rotation_failures WHERE job_id = :j"),
+            {"j": job_id}).scalars())
+        events = conn.execute(text(
+            "SELECT count(*) FROM audit_events WHERE action = 'reencrypt' AND outcome = "
+            "'failure' AND reason LIKE :r"), {"r": f"job={job_id} %"}).scalar_one()
+    assert tuple(job) == ("completed_with_errors", 90, 87, 3)
+    assert failed == sorted([r"\udc80\udcc0", ids[2], r"cred_\x1b[2J\x07"]) and events == 3
+    report = runtime.job_control().verify(actor="test")
+    assert sorted(cid for cid, _ in report.failures) == failed
+    listed = [i.reference for t in ("tenant-00000", "tenant-00001", "tenant-00002")
+              for i in runtime.credential_service().list_credentials(t)]
+    assert r"encrypted://cred_\x1b[2J\x07" in listed
+    assert all(ref.isprintable() for ref in listed)

@@ -325,15 +325,21 @@ class RotationFailure(Base):
     __tablename__ = "rotation_failures"
     __table_args__ = (
         ForeignKeyConstraint(["job_id"], ["rotation_jobs.id"], name="fk_rotation_failures_job"),
-        Index("ix_rotation_failures_job_credential", "job_id", "credential_id"),
+        # A job's later passes leave out the rows it already failed, found by primary key
+        # (a row may have failed because its credential id was damaged).
+        Index("ix_rotation_failures_job_pk", "job_id", "credential_pk"),
     )
 
     id: Mapped[int] = mapped_column(BigIntPK, primary_key=True, autoincrement=True)
     job_id: Mapped[int] = mapped_column(BigInteger)
     chunk_no: Mapped[int] = mapped_column(Integer)
+    #: The row's credential id, escaped if it was not printable text (damaged outside cuscred).
     credential_id: Mapped[str] = mapped_column(String(CREDENTIAL_ID_LEN))
     reason: Mapped[str] = mapped_column(String(64))
     created_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow)
+    #: ``credentials.pk`` of the row (NULL only if it was deleted before migration 0006).
+    #: Last, as migration 0006 added it: the model's column order is the tables' own.
+    credential_pk: Mapped[int | None] = mapped_column(BigInteger)
 
 
 # Core handles on the tables, typed as Table (``Model.__table__`` is typed as a FromClause).

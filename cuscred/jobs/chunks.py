@@ -42,9 +42,11 @@ from sqlalchemy.exc import OperationalError, SQLAlchemyError
 from cuscred import metrics
 from cuscred.config import Settings
 from cuscred.db.models import (
+    CREDENTIAL_ID_LEN,
     ROTATION_CHUNKS,
     ROTATION_FAILURES,
     ROTATION_JOBS,
+    TENANT_ID_LEN,
     ChunkStatus,
     JobStatus,
     KeyState,
@@ -57,6 +59,7 @@ from cuscred.jobs.views import reader_engine
 from cuscred.services.audit import AuditLog, AuditRecord, Outcome
 from cuscred.services.keys import KeyManager
 from cuscred.services.sealing import TaskKeys, context_from_json, open_row, seal_with
+from cuscred.validation import safe_text
 
 _J = ROTATION_JOBS
 _CH = ROTATION_CHUNKS
@@ -102,6 +105,22 @@ class RowRef(NamedTuple):
     credential_id: str
 
 
+class Failure(NamedTuple):
+    """A row a chunk could not move, left untouched: which row (by primary key; its ids as
+    :func:`~cuscred.validation.safe_text`, since damaged ids may be why it failed) and why."""
+
+    pk: int
+    credential_id: str
+    tenant_id: str
+    reason: str
+
+    @classmethod
+    def of(cls, row: Any, reason: str) -> Failure:
+        # Cut to the columns' widths: an escaped id is longer than the one it stands for.
+        return cls(row.pk, safe_text(row.credential_id)[:CREDENTIAL_ID_LEN],
+                   safe_text(row.tenant_id)[:TENANT_ID_LEN], reason)
+
+
 @dataclass(slots=True)
 class PreparedChunk:
     """A claimed chunk whose rows are re-encrypted in memory, not yet written: ids, new
@@ -115,7 +134,7 @@ class PreparedChunk:
     started: float
     rows: list[RowRef]
     resealed: list[Reseal]
-    failures: list[tuple[str, str]]
+    failures: list[Failure]
 
     def __repr__(self) -> str:
         return (f"<PreparedChunk job={self.job_id} chunk={self.chunk_no} rows={len(self.rows)}"
@@ -280,7 +299,7 @@ class ChunkProcessor:
         job = conn.execute(select(_J).where(_J.c.id == job_id)).one()
         rows = conn.execute(stale_rows(job_id, job.target_kek_version, job.tenant_id,
                                        chunk.pk_lo, chunk.pk_hi)).all()
-        failures = [(r.credential_id, "chunk_gave_up") for r in rows]
+        failures = [Failure.of(r, "chunk_gave_up") for r in rows]
         _record_failures(conn, job_id, chunk.chunk_no, failures)
         _set_chunk(conn, job_id, chunk.chunk_no, status=ChunkStatus.FAILED, crashes=crashes,
                    total=len(rows), done=0, skipped=0, failed=len(rows), claim_token=None,
@@ -315,15 +334,15 @@ class ChunkProcessor:
                        claim_token=None, lease_until=None, finished_at=utcnow(),
                        duration_ms=duration_ms, last_error=_failure_summary(failures))
             self._append_events(conn, job_id, rows, written, failures)
-        for _, why in failures:  # counted once committed: a rolled-back attempt will run again
-            metrics.DECRYPT_FAILURES.labels(metrics.failure_reason(why)).inc()
+        for failure in failures:  # counted once committed: a rolled-back attempt runs again
+            metrics.DECRYPT_FAILURES.labels(metrics.failure_reason(failure.reason)).inc()
         return outcome
 
     def _reseal(
         self, conn: Connection, rows: Sequence[Any], target_kek: int
-    ) -> tuple[list[Reseal], list[tuple[str, str]]]:
+    ) -> tuple[list[Reseal], list[Failure]]:
         resealed: list[Reseal] = []
-        failures: list[tuple[str, str]] = []
+        failures: list[Failure] = []
         keys = TaskKeys(self._keys)  # each tenant key looked up once per task
         contexts: dict[str, dict[str, str]] = {}  # a chunk's rows share a few context texts
         for row in rows:
@@ -337,13 +356,13 @@ class ChunkProcessor:
                     key_generation=row.key_generation, context=context,
                 )
             except DecryptionError:
-                failures.append((row.credential_id, "decrypt_failed"))
+                failures.append(Failure.of(row, "decrypt_failed"))
                 continue
             except KekUnavailableError:
-                failures.append((row.credential_id, f"kek_v{row.kek_version}_unavailable"))
+                failures.append(Failure.of(row, f"kek_v{row.kek_version}_unavailable"))
                 continue
             if row.active_generation is None:  # decrypts, but has no key to move to
-                failures.append((row.credential_id, "no_active_key_generation"))
+                failures.append(Failure.of(row, "no_active_key_generation"))
                 continue
             key = keys.tenant_key(conn, row.tenant_id, row.active_generation, target_kek)
             sealed = seal_with(key, plaintext, credential_id=row.credential_id, context=context)
@@ -357,22 +376,21 @@ class ChunkProcessor:
 
     def _append_events(
         self, conn: Connection, job_id: int, rows: Sequence[RowRef], written: set[int],
-        failures: list[tuple[str, str]],
+        failures: list[Failure],
     ) -> None:
         """One audit event per row moved (in primary-key order), then one per row that
         failed: the moved rows' events differ only in tenant and credential id."""
         reason = f"job={job_id}"
         moved = [(r.tenant_id, r.credential_id) for r in rows if r.pk in written]
-        tenants = {r.credential_id: r.tenant_id for r in rows} if failures else {}
         self._audit.append_uniform(
             conn,
             AuditRecord(action="reencrypt", outcome=Outcome.SUCCESS, actor=self._actor,
                         reason=reason),
             moved,
             then=[AuditRecord(action="reencrypt", outcome=Outcome.FAILURE, actor=self._actor,
-                              tenant_id=tenants.get(cid), credential_id=cid,
-                              reason=f"{reason} {why}"[:64])
-                  for cid, why in failures],
+                              tenant_id=f.tenant_id, credential_id=f.credential_id,
+                              reason=f"{reason} {f.reason}"[:64])
+                  for f in failures],
         )
 
 
@@ -391,23 +409,23 @@ def _set_chunk(conn: Connection, job_id: int, chunk_no: int, **values: Any) -> N
 
 
 def _record_failures(
-    conn: Connection, job_id: int, chunk_no: int, failures: list[tuple[str, str]]
+    conn: Connection, job_id: int, chunk_no: int, failures: list[Failure]
 ) -> None:
     if failures:
         now = utcnow()
         conn.execute(insert(_F), [
-            {"job_id": job_id, "chunk_no": chunk_no, "credential_id": cid, "reason": why,
-             "created_at": now}
-            for cid, why in failures
+            {"job_id": job_id, "chunk_no": chunk_no, "credential_pk": f.pk,
+             "credential_id": f.credential_id, "reason": f.reason, "created_at": now}
+            for f in failures
         ])
 
 
-def _failure_summary(failures: list[tuple[str, str]]) -> str | None:
+def _failure_summary(failures: list[Failure]) -> str | None:
     if not failures:
         return None
-    reasons = sorted({why for _, why in failures})
+    reasons = sorted({f.reason for f in failures})
     return f"{len(failures)} row(s) failed: {', '.join(reasons)}"[:500]
 
 
-__all__ = ["ChunkClaim", "ChunkOutcome", "ChunkProcessor", "PreparedChunk", "RowRef",
-           "is_retryable"]
+__all__ = ["ChunkClaim", "ChunkOutcome", "ChunkProcessor", "Failure", "PreparedChunk",
+           "RowRef", "is_retryable"]

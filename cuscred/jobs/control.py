@@ -26,7 +26,7 @@ from cuscred.jobs.finalize import FINAL, chunk_sums
 from cuscred.jobs.service import RotationService
 from cuscred.services.audit import AuditRecord, Outcome
 from cuscred.services.sealing import context_from_json, open_row
-from cuscred.validation import validate_tenant_id
+from cuscred.validation import safe_text, validate_tenant_id
 
 _J = ROTATION_JOBS
 _CH = ROTATION_CHUNKS
@@ -209,7 +209,7 @@ class JobControl:
         except CuscredError as exc:
             if exc.retryable:
                 raise
-            report.failures.append((row.credential_id, exc.code))
+            report.failures.append((safe_text(row.credential_id), exc.code))
 
     def _audit_verify(self, tenant: str | None, report: VerifyReport, actor: str) -> None:
         with self._engine.begin() as conn:

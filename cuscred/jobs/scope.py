@@ -34,7 +34,7 @@ def _stale(job_id: int, target_kek: int, tenant_id: str | None) -> Any:
         # rows are stale too, so a chunk records them as failed instead of never seeing them.
         or_(_C.c.kek_version != target_kek, _C.c.key_generation != _T.c.generation,
             _T.c.generation.is_(None)),
-        ~exists().where(_F.c.job_id == job_id, _F.c.credential_id == _C.c.credential_id),
+        ~exists().where(_F.c.job_id == job_id, _F.c.credential_pk == _C.c.pk),
     ]
     if tenant_id is not None:
         clauses.append(_C.c.tenant_id == tenant_id)

@@ -17,7 +17,7 @@ from cuscred.services.attempts import AttemptRecorder
 from cuscred.services.audit import AuditLog
 from cuscred.services.keys import SHREDDED_SALT, KeyManager
 from cuscred.services.sealing import context_from_json
-from cuscred.validation import validate_tenant_id
+from cuscred.validation import safe_text, validate_tenant_id
 
 _CRED = CREDENTIALS
 _TK = TENANT_KEYS
@@ -58,9 +58,14 @@ def _info(row: Any) -> CredentialInfo:
         context: dict[str, str] | None = context_from_json(row.context_json)
     except DecryptionError:
         context = None  # a damaged row is still listed; decrypting it will fail loudly
+    # safe_text: a row edited outside cuscred is listed as it is, escaped, never as control
+    # characters for the operator's terminal.
+    credential_id = safe_text(row.credential_id)
     return CredentialInfo(
-        credential_id=row.credential_id, reference=str(EncryptedRef(row.credential_id)),
-        tenant_id=row.tenant_id, provider=row.provider, masked=row.masked,
+        # Not EncryptedRef(...): a damaged id is listed as it is, not refused as malformed.
+        credential_id=credential_id, reference=f"encrypted://{credential_id}",
+        tenant_id=safe_text(row.tenant_id), provider=safe_text(row.provider),
+        masked=safe_text(row.masked),
         kek_version=row.kek_version, key_generation=row.key_generation,
         context=context, created_at=row.created_at,
         rotated_at=row.rotated_at, reencrypted_at=row.reencrypted_at,
