@@ -198,8 +198,11 @@ def test_progress_cancel_and_resume(cli_env: dict[str, str], seeded: Any) -> Non
     job_id, _ = svc.rotate_kek(requested_by="test")
     [job] = run_json(cli_env, "jobs")
     assert (job["status"], job["fraction"], job["rate"]) == ("pending", None, None)
-    code, out, err = run(cli_env, "kek", "rotate")  # one in flight: its id, nothing started
-    assert (code, out.strip()) == (0, str(job_id)) and "already in flight" in err
+    # One in flight, driven by nobody here: its id, nothing started, and exit 9 (the rotation
+    # asked for has not happened), with or without --wait.
+    for wait in ([], ["--wait"]):
+        code, out, err = run(cli_env, "kek", "rotate", *wait)
+        assert (code, out.strip()) == (9, str(job_id)) and "already in flight" in err
     assert "jobs resume" in err
     svc.advance_rotation(job_id)
     svc.start_reencryption(job_id)

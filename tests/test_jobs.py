@@ -8,6 +8,7 @@ import json
 import threading
 from collections.abc import Sequence
 
+import pytest
 from sqlalchemy import func, select, text, update
 
 from cuscred.datagen import generate
@@ -18,6 +19,7 @@ from cuscred.db.models import (
     ROTATION_JOBS,
     utcnow,
 )
+from cuscred.errors import KeyStateError
 from cuscred.factory import Runtime
 from cuscred.jobs.chunks import ChunkProcessor
 from cuscred.jobs.runner import InProcessRunner
@@ -358,3 +360,27 @@ def test_rotation_never_reuses_a_version_staged_earlier(runtime: Runtime) -> Non
         reasons = list(conn.execute(text(
             "SELECT reason FROM audit_events WHERE action = 'kek_state' ORDER BY seq")).scalars())
     assert "v3:register" in reasons
+
+
+def test_a_refused_rotation_fails_its_job_instead_of_blocking_the_next(
+    runtime: Runtime, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Step 1 refused for good (here: the KEK source would discard a version): the job is
+    failed with the reason, not left pending as a rotation "in flight" that nothing advances;
+    the next `kek rotate`, once the cause is fixed, starts a new job and completes."""
+    data = _seed(runtime, 30, 3)
+
+    def refuse() -> int:
+        raise KeyStateError("the KEK secret keeps at most 3 versions (test)")
+
+    monkeypatch.setattr(runtime.keys.source, "add_version", refuse)
+    with pytest.raises(KeyStateError):
+        runtime.rotation().rotate_kek(requested_by="t")
+    failed = _job(runtime, _scalar(runtime, "SELECT max(id) FROM rotation_jobs"))
+    assert failed.status == "failed" and "key_state" in failed.last_error
+    monkeypatch.undo()
+    job_id, created = runtime.rotation().rotate_kek(requested_by="t")
+    assert created and job_id > failed.id
+    assert (_job(runtime, job_id).status, _job(runtime, job_id).target_kek_version) == (
+        "completed", 2)
+    _all_resolve(runtime, data)

@@ -77,8 +77,13 @@ def launch(st: CliState, start: Start, *, wait: bool, json: bool, verb: str = "s
     # Not driven here and no broker: waiting could last forever. Queued for the workers and no
     # --wait: `cuscred jobs` follows it. Either way, report the job as it is now.
     if (not driven and in_process) or not (wait or in_process):
+        view = _get(st, job_id)
         if json:
-            print_json(_get(st, job_id).as_json())
+            print_json(view.as_json())
+        if not driven and in_process and not view.final:
+            # Another job is in the way and this process is not driving it: the rotation asked
+            # for has not happened. Exit 9 ("left unfinished"), not 0.
+            raise typer.Exit(EXIT_JOB)
         return
     finish(st, _follow(st, job_id, bg, runner, wait=wait), json=json)
 

@@ -17,6 +17,8 @@ from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
+from cuscred.errors import CuscredError
+
 if TYPE_CHECKING:
     from cuscred.jobs.chunks import ChunkClaim, ChunkOutcome, PreparedChunk
     from cuscred.jobs.local_pool import Prepared, PreparePool
@@ -136,6 +138,10 @@ class InProcessRunner:
             try:
                 step.call()
                 return
+            except CuscredError as exc:
+                if not exc.retryable or attempt == self._attempts:
+                    raise  # a refusal: the same again next time (the Celery tasks agree)
+                log.warning("step %s failed (attempt %d), retrying", step.name, attempt)
             except Exception:
                 if attempt == self._attempts:
                     raise

@@ -30,8 +30,9 @@ from cuscred.db.models import (
     JobKind,
     JobStatus,
     KeyState,
+    utcnow,
 )
-from cuscred.errors import InvalidInputError
+from cuscred.errors import CuscredError, InvalidInputError
 from cuscred.jobs.chunks import ChunkClaim, ChunkOutcome, ChunkProcessor, PreparedChunk
 from cuscred.jobs.finalize import FINAL, FinalizeResult, finalize
 from cuscred.jobs.planning import create_job, plan_pass
@@ -78,7 +79,21 @@ class RotationService:
         return job_id, True
 
     def advance_rotation(self, job_id: int) -> None:
-        """Steps 1 and 2 for a pending KEK rotation, each in its own transaction."""
+        """Steps 1 and 2 for a pending KEK rotation, each in its own transaction.
+
+        A refusal that retrying cannot change (the KEK source would discard a version, a
+        version cannot be loaded, an actor is refused) fails the job, with the error code as
+        its last error, so that it does not stand in the way of the next ``kek rotate`` as a
+        rotation "in flight" that nothing will ever advance. Then the error is raised.
+        """
+        try:
+            self._advance_rotation(job_id)
+        except CuscredError as exc:
+            if not exc.retryable:
+                self._fail_pending(job_id, exc.code)
+            raise
+
+    def _advance_rotation(self, job_id: int) -> None:
         with self.engine.begin() as conn:
             job = _locked_job(conn, job_id)
             if job.status != JobStatus.PENDING:
@@ -93,6 +108,18 @@ class RotationService:
         if states.get(target) != KeyState.ACTIVE:
             self._admin.promote(target, actor=self.actor)
         self.runner.start(job_id)
+
+    def _fail_pending(self, job_id: int, code: str) -> None:
+        with self.engine.begin() as conn:
+            job = _locked_job(conn, job_id)
+            if job.status != JobStatus.PENDING:
+                return
+            conn.execute(update(_J).where(_J.c.id == job_id).values(
+                status=JobStatus.FAILED, finished_at=utcnow(),
+                last_error=f"step 1-2 refused: {code}"[:500]))
+            self.audit.append(conn, [AuditRecord(
+                action="job_finished", outcome=Outcome.FAILURE, actor=self.actor,
+                tenant_id=job.tenant_id, reason=f"job={job_id} failed {code}"[:64])])
 
     def rekey_tenant(self, tenant_id: str, *, requested_by: str,
                      kdf: KdfParams | None = None) -> int:
