@@ -151,3 +151,53 @@ def test_the_factory_binds_the_pool_from_settings(runtime: Runtime, processes: i
     admin.promote(admin.create_version())
     job_id = built.rotation().reencrypt(requested_by="test")
     _assert_exact(built, job_id, data)
+
+
+_ORPHAN_SCRIPT = """
+import multiprocessing, sys, time
+from cuscred.config import Settings
+from cuscred.jobs.chunks import ChunkClaim
+from cuscred.jobs.local_pool import PreparePool
+if __name__ == "__main__":
+    settings = Settings.from_env({"CUSCRED_DATABASE_URL": sys.argv[1],
+                                  "CUSCRED_KEYRING_PATH": sys.argv[2]})
+    pool = PreparePool(settings, 1, actor="test")
+    pool.submit(999, 1, ChunkClaim("t", 2, None, 1, 1, frozenset({1}))).result()
+    print(multiprocessing.active_children()[0].pid, flush=True)
+    time.sleep(600)
+"""
+
+
+def test_a_helper_dies_with_the_process_that_started_it(
+    runtime: Runtime, tmp_path: Any,
+) -> None:
+    """kill -9 of the job's process must not leave its helper behind, holding a database
+    handle and key caches (PR_SET_PDEATHSIG)."""
+    import subprocess
+    import sys
+    import time
+
+    script = tmp_path / "orphan.py"
+    script.write_text(_ORPHAN_SCRIPT)
+    proc = subprocess.Popen(
+        [sys.executable, str(script), str(runtime.engine.url.render_as_string(
+            hide_password=False)), str(runtime.settings.keyring_path)],
+        stdout=subprocess.PIPE, text=True, cwd=os.getcwd())
+    try:
+        assert proc.stdout is not None
+        helper = int(proc.stdout.readline())
+        assert os.path.exists(f"/proc/{helper}")  # up, and working for the script
+    finally:
+        proc.kill()
+        proc.wait()
+    def alive() -> bool:  # a zombie waiting for init to reap it is dead
+        try:
+            with open(f"/proc/{helper}/stat") as stat:
+                return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
+        except FileNotFoundError:
+            return False
+
+    deadline = time.monotonic() + 10
+    while alive() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not alive()

@@ -167,7 +167,7 @@ def confirm_or_stop(question: str) -> None:
     changed). No answer at all (stdin closed) is a no."""
     try:
         confirmed = typer.confirm(question)
-    except typer.Abort:  # end of input: nobody said yes
+    except (typer.Abort, EOFError, RuntimeError):  # end of input, or stdin closed (<&-)
         confirmed = False
     if not confirmed:
         fail("not confirmed; nothing changed (--yes skips the question)", EXIT_DECLINED)

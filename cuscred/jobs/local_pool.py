@@ -22,8 +22,11 @@ other threads (the CLI draws its progress bar in one) or hold pooled connections
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import multiprocessing
+import os
+import signal
 from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass
 
@@ -33,6 +36,7 @@ from cuscred.jobs.chunks import ChunkClaim, ChunkOutcome, ChunkProcessor, Prepar
 from cuscred.logging_redaction import log_warnings_to_stderr
 
 log = logging.getLogger(__name__)
+_PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,8 +52,21 @@ Prepared = PreparedChunk | ChunkOutcome | PrepareFailed
 _processor: ChunkProcessor | None = None
 
 
+def _die_with_parent() -> None:
+    """Linux: the kernel kills this helper when the process that started it dies (kill -9
+    included), so no helper outlives its job holding a database handle and key caches."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    except (OSError, AttributeError):  # not Linux: the helper ends when its pipe breaks
+        return
+    if os.getppid() == 1:  # the parent died before the call above took effect
+        os._exit(1)
+
+
 def _start_helper(settings: Settings, actor: str) -> None:
     global _processor
+    _die_with_parent()
     from cuscred.factory import build_runtime  # the factory imports the runners
 
     log_warnings_to_stderr()  # a fresh interpreter: the same redacting handler as the CLI's
