@@ -91,3 +91,29 @@ def test_generated_data_has_real_shapes_and_a_skewed_tenant_mix() -> None:
     assert sizes[0] > 500  # a few tenants hold thousands at scale...
     assert sorted(sizes)[len(sizes) // 2] <= 5  # ...most hold one to five
     assert sum(tenant_sizes(3000, 300, random.Random(1))) == 3000
+
+
+def test_a_worker_log_record_never_forges_another_line(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Text from outside (a refused message's arguments, an exception's input) can hold
+    newlines and terminal escapes: in the worker's text log, only a record's own first line
+    starts at column 0, and control characters are escaped."""
+    from worker.logging import install_logging
+
+    root = logging.getLogger()
+    saved = (root.handlers[:], root.level)
+    stream = io.StringIO()
+    monkeypatch.setattr(sys, "__stderr__", stream)
+    forged = "\n2026-12-04 12:00:00,000 ERROR celery.worker: forged"
+    try:
+        install_logging(Settings.from_env({}))
+        logging.getLogger("celery.worker").error("unexpected kwarg %r%s", "x", forged)
+        try:
+            raise TypeError(f"bad input{forged}\x1b[2J")
+        except TypeError:
+            logging.getLogger("celery.worker").exception("task raised")
+    finally:
+        root.handlers[:], root.level = saved
+    lines = stream.getvalue().splitlines()
+    records = [line for line in lines if not line.startswith("  | ")]
+    assert len(records) == 2 and all(" ERROR celery.worker: " in r for r in records)
+    assert not any("forged" in r for r in records) and "\x1b" not in stream.getvalue()

@@ -10,6 +10,7 @@ and the record's extra fields, e.g. for every chunk ``job``, ``chunk``, ``status
 from __future__ import annotations
 
 import logging
+import re
 import sys
 from collections.abc import MutableMapping
 from typing import Any
@@ -29,6 +30,26 @@ def _exception_text(
     if text:
         event["exception"] = text
     return event
+
+
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")
+
+
+class TextFormatter(logging.Formatter):
+    """``time level logger: message``, where a record never forges another line.
+
+    Messages can carry text from outside (Celery logs a refused message's arguments, an
+    exception its input): control characters are escaped, and every line after a record's
+    first (a traceback, a multi-line message) is indented with ``  | ``, so a line that
+    starts with a timestamp is always a record of its own.
+    """
+
+    def __init__(self) -> None:
+        super().__init__("%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    def format(self, record: logging.LogRecord) -> str:
+        text = _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", super().format(record))
+        return text.replace("\n", "\n  | ")
 
 
 def json_formatter() -> logging.Formatter:
@@ -56,10 +77,9 @@ def install_logging(settings: Settings) -> None:
     if settings.log_format is LogFormat.JSON:
         handler.setFormatter(json_formatter())
     else:
-        handler.setFormatter(
-            logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        handler.setFormatter(TextFormatter())
     root.handlers[:] = [handler]
     root.setLevel(logging.INFO)
 
 
-__all__ = ["install_logging", "json_formatter"]
+__all__ = ["TextFormatter", "install_logging", "json_formatter"]
