@@ -167,9 +167,10 @@ class InProcessRunner:
     def _run_pooled(self, batch: list[_Step]) -> None:
         assert self._pool_factory is not None
         started = self._pool_factory()
-        # Chunks claimed and handed out: enough that a helper never waits for this process,
-        # few enough to bound memory (and the leases held) to a handful of chunks.
-        ahead = 4 * started.processes
+        # Chunks claimed and handed out: one being prepared and one waiting, per helper. More
+        # did not go faster (bench/reencrypt.py), and each is a claim an interrupted command
+        # leaves behind until its lease runs out.
+        ahead = 2 * started.processes
         starting = True
         pool: PreparePool | None = started
         waiting: deque[_Handed] = deque()
