@@ -93,7 +93,7 @@ def test_a_helper_killed_mid_job_costs_nothing(
     runtime: Runtime, caplog: pytest.LogCaptureFixture,
 ) -> None:
     data = seed(runtime, 600, 20)
-    pool = _Watched(runtime.settings, 1, actor="rotation-worker", kill_after=3)
+    pool = _Watched(runtime.settings, 1, actor="rotation-worker", kill_after=2)
     service, _ = _pooled(runtime, pool)
     with caplog.at_level(logging.WARNING, logger="cuscred.jobs.runner"):
         job_id, _ = service.rotate_kek(requested_by="test")
@@ -114,7 +114,7 @@ def test_a_helper_that_hangs_is_killed_and_its_chunks_prepared_here(
     """SIGSTOP: the helper neither answers nor dies. Past the chunk time limit (2 s here) it
     is killed, and the chunks it held are prepared here with their claims."""
     data = seed(runtime, 600, 20)
-    pool = _Watched(runtime.settings, 1, actor="rotation-worker", kill_after=3,
+    pool = _Watched(runtime.settings, 1, actor="rotation-worker", kill_after=2,
                     signal_to_send=signal.SIGSTOP)
     service, _ = _pooled(runtime, pool, timeout_s=2.0)
     with caplog.at_level(logging.WARNING, logger="cuscred.jobs.runner"):
