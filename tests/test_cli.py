@@ -42,6 +42,15 @@ def test_store_resolve_refuse_list(cli_env: dict[str, str]) -> None:
     assert code == 3 and SECRET not in out + err and "no credential" in err
     code, out, _ = run(cli_env, "list", "--tenant", "acme")
     assert code == 0 and "sk-proj-…Lm0p" in out and SECRET[8:20] not in out
+    from cuscred.cli.common import out_console
+
+    width = out_console.width
+    out_console.width = 80  # an 80-column terminal: the reference is what one copies out
+    try:
+        out = run(cli_env, "list", "--tenant", "acme")[1]
+    finally:
+        out_console.width = width
+    assert ref in out and max(len(line) for line in out.splitlines()) <= 80
     code, out, _ = run(cli_env, "list", "--tenant", "acme", "--json")
     assert json.loads(out)[0]["reference"] == ref
     code, out, _ = run(cli_env, "audit", "verify", "--json")

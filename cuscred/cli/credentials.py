@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 from rich.markup import escape
-from rich.table import Table
+from rich.table import Column, Table
 
 from cuscred.cli.common import (
     EXIT_INVALID,
@@ -63,7 +63,11 @@ def list_(
     if json:
         print_json([i.as_json() for i in items])
         return
-    table = Table("reference", "provider", "masked", "KEK", "gen", "created", "rotated")
+    table = Table("provider", "masked", "KEK", "gen", "created", "rotated")
+    # The reference is what one copies out of a listing: never cut, whatever the width (the
+    # other columns wrap first).
+    table.columns.insert(0, Column("reference", no_wrap=True,
+                                   min_width=max((len(i.reference) for i in items), default=9)))
     for i in items:
         # Stored text (masks of tenant-supplied JSON) is shown literally, never as markup.
         table.add_row(escape(i.reference), escape(i.provider), escape(i.masked),
