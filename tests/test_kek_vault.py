@@ -296,6 +296,24 @@ def test_an_unreadable_mount_limit_is_refused_not_guessed(
     assert limited.add_version() == 2
 
 
+@pytest.mark.parametrize("where", ["mount", "secret"])
+def test_versions_deleted_by_age_are_refused(
+    vault_client: hvac.Client, source: VaultKekSource, where: str,
+) -> None:
+    """``delete_version_after`` would delete KEK versions that rows still use, after a while:
+    no version is written to a secret or mount that does that."""
+    source.add_version()
+    if where == "mount":
+        vault_client.secrets.kv.v2.configure(delete_version_after="1h",
+                                             mount_point=source.mount)
+    else:
+        vault_client.secrets.kv.v2.update_metadata(
+            source.path, delete_version_after="1h", mount_point=source.mount)
+    with pytest.raises(KeyStateError, match="delete_version_after"):
+        source.add_version()
+    assert source.latest_version() == 1
+
+
 def test_vault_errors_other_than_not_found_pass_through(
     openbao: OpenBaoServer,
     openbao_factory: Callable[..., OpenBaoServer],

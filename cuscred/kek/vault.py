@@ -12,7 +12,8 @@ refuses to write a version that would push one out. The limit is the secret's ow
 whose own 0 means 10), which is read too. A token that may not read the mount's configuration
 gets a refusal, never a guess: set the limit on the secret itself
 (``bao kv metadata put -max-versions=1000 -mount=secret cuscred/kek``), which both makes it
-visible and overrides the mount's.
+visible and overrides the mount's. For the same reason a secret or mount that deletes versions
+by age (``delete_version_after``) is refused.
 
 :meth:`VaultKekSource.import_versions` (``cuscred keys import-keyring``) moves a local keyring
 here: its versions 1..N become KV versions 1..N of a secret that has none yet.
@@ -46,6 +47,8 @@ from cuscred.vault.client import KVMetadata, VaultKV
 
 #: KV v2 keeps this many versions when neither the secret nor the mount sets ``max_versions``.
 KV_DEFAULT_MAX_VERSIONS = 10
+#: ``delete_version_after`` values that mean "never".
+_NEVER = frozenset({"0s", "0", ""})
 
 
 class VaultKekSource:
@@ -168,18 +171,31 @@ class VaultKekSource:
         """How many versions KV v2 keeps of the KEK secret: its own ``max_versions``, else
         the mount's, else KV's default. Raises :class:`KeyStateError` when the mount's limit
         applies but cannot be read (nothing is assumed: a guess of 10 once let a mount set to
-        3 destroy KEK versions in use)."""
-        if meta is not None and meta.max_versions > 0:
-            return meta.max_versions
+        3 destroy KEK versions in use), or when the secret or the mount deletes versions by
+        age (``delete_version_after``): a KEK version must stay until it is retired."""
+        if meta is not None and meta.delete_version_after not in _NEVER:
+            raise KeyStateError(self._deletes_by_age("secret"))
         try:
-            return self._kv.mount_max_versions(self.mount) or KV_DEFAULT_MAX_VERSIONS
+            mount = self._kv.mount_config(self.mount)
         except PermissionDeniedError as e:
+            if meta is not None and meta.max_versions > 0:
+                return meta.max_versions  # its own limit overrides the mount's
             raise KeyStateError(
                 f"cannot tell how many versions the KEK secret keeps (Vault mount "
                 f"{self.mount!r}): it inherits the mount's max_versions, which this token may "
                 "not read. Set max_versions on the secret (bao kv metadata put "
                 "-max-versions=1000 ...) or allow reading <mount>/config. Nothing was written"
             ) from e
+        if mount.delete_version_after not in _NEVER:
+            raise KeyStateError(self._deletes_by_age("mount"))
+        if meta is not None and meta.max_versions > 0:
+            return meta.max_versions
+        return mount.max_versions or KV_DEFAULT_MAX_VERSIONS
+
+    def _deletes_by_age(self, where: str) -> str:
+        return (f"the KEK {where} (Vault mount {self.mount!r}) sets delete_version_after: KV v2 "
+                "would delete KEK versions by age, while rows still use them. Set it to 0s. "
+                "Nothing was written")
 
     def _write(self, material: bytes, *, cas: int) -> int:
         value = base64.b64encode(material).decode("ascii")

@@ -76,6 +76,18 @@ class KVMetadata:
     version_count: int
     #: Per-secret ``max_versions``; 0 means the mount's setting (whose own default is 10).
     max_versions: int
+    #: Per-secret ``delete_version_after`` (a Go duration; "0s": never, unless the mount says).
+    delete_version_after: str = "0s"
+
+
+@dataclass(frozen=True)
+class KVMountConfig:
+    """A KV v2 mount's settings for every secret in it (``<mount>/config``)."""
+
+    #: 0: the KV default of 10.
+    max_versions: int
+    #: A Go duration; "0s": versions are never deleted by age.
+    delete_version_after: str
 
 
 class VaultKV:
@@ -142,22 +154,24 @@ class VaultKV:
             return None
         return _parse_metadata(response, mount)
 
-    def mount_max_versions(self, mount: str) -> int:
-        """The KV v2 mount's ``max_versions`` (``<mount>/config``; 0: the KV default of 10).
+    def mount_config(self, mount: str) -> KVMountConfig:
+        """The KV v2 mount's ``max_versions`` and ``delete_version_after``.
 
-        Raises :class:`PermissionDeniedError` when the policy does not allow reading the
-        mount's configuration, :class:`VaultUnavailableError`, :class:`VaultError`.
+        Raises :class:`PermissionDeniedError` when the policy does not allow reading
+        ``<mount>/config``, :class:`VaultUnavailableError`, :class:`VaultError`.
         """
         response = self._call(
             "mount config read",
             lambda: self._client.secrets.kv.v2.read_configuration(mount_point=mount),
             mount=mount,
         )
-        value = _dig(response, "data", "max_versions")
-        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        max_versions = _dig(response, "data", "max_versions")
+        delete_after = _dig(response, "data", "delete_version_after")
+        if (not isinstance(max_versions, int) or isinstance(max_versions, bool)
+                or max_versions < 0 or not isinstance(delete_after, str)):
             where = describe_operation("mount config read", mount, None)
             raise VaultError(f"{where}: unexpected response shape")
-        return value
+        return KVMountConfig(max_versions, delete_after)
 
     def current_version(self, mount: str, path: str) -> int | None:
         """The newest version number written at the path, or ``None`` if there is none.
@@ -319,13 +333,16 @@ def _parse_metadata(response: Any, mount: str) -> KVMetadata:
     ):
         where = describe_operation("metadata read", mount, None)
         raise VaultError(f"{where}: unexpected response shape")
+    delete_after = _dig(response, "data", "delete_version_after")
     return KVMetadata(
-        current_version=current, version_count=len(versions), max_versions=max_versions
+        current_version=current, version_count=len(versions), max_versions=max_versions,
+        delete_version_after=delete_after if isinstance(delete_after, str) else "0s",
     )
 
 
 __all__ = [
     "KVMetadata",
+    "KVMountConfig",
     "KVSecret",
     "Relogin",
     "VaultKV",
