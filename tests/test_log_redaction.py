@@ -6,12 +6,14 @@ its shapes."""
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import logging
 import random
 import sys
 from collections import Counter
+from collections.abc import Iterator
 
 import pytest
 
@@ -46,7 +48,9 @@ def test_ids_and_digests_that_are_not_keys_are_left_alone() -> None:
     assert redact(line) == line
 
 
-def test_the_worker_handler_carries_the_filter(monkeypatch: pytest.MonkeyPatch) -> None:
+@contextlib.contextmanager
+def _worker_logging(monkeypatch: pytest.MonkeyPatch) -> Iterator[io.StringIO]:
+    """The worker's own logging set-up, writing to the returned buffer; undone afterwards."""
     from worker.logging import install_logging
 
     root = logging.getLogger()
@@ -55,17 +59,22 @@ def test_the_worker_handler_carries_the_filter(monkeypatch: pytest.MonkeyPatch) 
     monkeypatch.setattr(sys, "__stderr__", stream)
     try:
         install_logging(Settings.from_env({}))
-        (handler,) = root.handlers
+        yield stream
+    finally:
+        root.handlers[:], root.level = saved
+
+
+def test_the_worker_handler_carries_the_filter(monkeypatch: pytest.MonkeyPatch) -> None:
+    secret = generate_secret("openai", random.Random(3))
+    with _worker_logging(monkeypatch) as stream:
+        (handler,) = logging.getLogger().handlers
         assert any(isinstance(f, RedactingFilter) for f in handler.filters)
-        secret = generate_secret("openai", random.Random(3))
         logging.getLogger("some.library").warning("request headers: Authorization=Bearer %s",
                                                   secret)
         try:
             raise RuntimeError(f"upstream said: {secret}")
         except RuntimeError:
             logging.getLogger("some.library").exception("call failed")
-    finally:
-        root.handlers[:], root.level = saved
     out = stream.getvalue()
     assert "request headers" in out and "call failed" in out and REDACTED in out
     assert not [w for w in _windows(secret) if w in out]
@@ -97,22 +106,13 @@ def test_a_worker_log_record_never_forges_another_line(monkeypatch: pytest.Monke
     """Text from outside (a refused message's arguments, an exception's input) can hold
     newlines and terminal escapes: in the worker's text log, only a record's own first line
     starts at column 0, and control characters are escaped."""
-    from worker.logging import install_logging
-
-    root = logging.getLogger()
-    saved = (root.handlers[:], root.level)
-    stream = io.StringIO()
-    monkeypatch.setattr(sys, "__stderr__", stream)
     forged = "\n2026-12-04 12:00:00,000 ERROR celery.worker: forged"
-    try:
-        install_logging(Settings.from_env({}))
+    with _worker_logging(monkeypatch) as stream:
         logging.getLogger("celery.worker").error("unexpected kwarg %r%s", "x", forged)
         try:
             raise TypeError(f"bad input{forged}\x1b[2J")
         except TypeError:
             logging.getLogger("celery.worker").exception("task raised")
-    finally:
-        root.handlers[:], root.level = saved
     lines = stream.getvalue().splitlines()
     records = [line for line in lines if not line.startswith("  | ")]
     assert len(records) == 2 and all(" ERROR celery.worker: " in r for r in records)
