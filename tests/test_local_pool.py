@@ -124,6 +124,34 @@ def test_a_helper_that_hangs_is_killed_and_its_chunks_prepared_here(
     _assert_exact(runtime, job_id, data)
 
 
+def test_a_chunk_whose_claim_was_lost_before_its_write_runs_again_here(
+    runtime: Runtime,
+) -> None:
+    """Between a helper's prepare and this process's write, the chunk's claim went away (its
+    lease ran out and a sweep released it): the write is refused (``lost_claim``) and the chunk
+    runs again as a plain step, so the job still completes here, with exact counts."""
+    data = seed(runtime, 600, 20)
+    pool = _Watched(runtime.settings, 1, actor="rotation-worker")
+    service, _ = _pooled(runtime, pool)
+    real_finish = service.finish_chunk
+    lost: list[int] = []
+
+    def finish(prepared: Any) -> Any:
+        if isinstance(prepared, PreparedChunk) and not lost:
+            lost.append(prepared.chunk_no)
+            with runtime.engine.begin() as conn:
+                conn.execute(text("UPDATE rotation_chunks SET status = 'pending', "
+                                  "claim_token = NULL, lease_until = NULL WHERE job_id = :j "
+                                  "AND chunk_no = :c"),
+                             {"j": prepared.job_id, "c": prepared.chunk_no})
+        return real_finish(prepared)
+
+    service.finish_chunk = finish  # type: ignore[method-assign]
+    job_id, _ = service.rotate_kek(requested_by="test")
+    assert lost  # a helper's chunk did lose its claim
+    _assert_exact(runtime, job_id, data)
+
+
 def test_small_jobs_stay_in_one_process(runtime: Runtime) -> None:
     data = seed(runtime, 100, 5)
     pool = _Watched(runtime.settings, 1, actor="rotation-worker")

@@ -49,7 +49,7 @@ class JobSteps(Protocol):
 
     def prepare_claimed(self, job_id: int, chunk_no: int, claim: ChunkClaim) -> PreparedChunk: ...
 
-    def finish_chunk(self, prepared: PreparedChunk | ChunkOutcome) -> object: ...
+    def finish_chunk(self, prepared: PreparedChunk | ChunkOutcome) -> ChunkOutcome: ...
 
     def finalize_job(self, job_id: int) -> object: ...
 
@@ -253,10 +253,15 @@ class InProcessRunner:
             self._run(step)
             return
         try:
-            self._s().finish_chunk(prepared)
+            outcome = self._s().finish_chunk(prepared)
         except Exception as exc:  # the claim was released: the chunk runs again, here
             log.warning("step %s failed (%s); running it again here", step.name,
                         type(exc).__name__)
+            self._run(step)
+            return
+        if outcome.status == "lost_claim":
+            # The claim ran out or was released before the write (nothing was written): run
+            # the chunk as a plain step, which claims it again unless another worker has it.
             self._run(step)
 
 
