@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import json
 import sqlite3
+from typing import Any
 
 import pytest
 from sqlalchemy import text
@@ -43,6 +44,17 @@ def _damage(runtime: Runtime, data: Seeded) -> tuple[str, str]:
     return bad_ciphertext, bad_context
 
 
+def _job_and_failures(runtime: Runtime, job_id: int) -> tuple[Any, dict[str, str]]:
+    """The job's row, and its recorded failures: credential id -> reason."""
+    with runtime.engine.connect() as conn:
+        job = conn.execute(text("SELECT status, total, done, failed, census_json FROM "
+                                "rotation_jobs WHERE id = :j"), {"j": job_id}).one()
+        failures = dict(conn.execute(text(
+            "SELECT credential_id, reason FROM rotation_failures WHERE job_id = :j"),
+            {"j": job_id}).all())
+    return job, failures
+
+
 @pytest.fixture
 def sqlite_runtime(runtime: Runtime) -> Runtime:
     if runtime.engine.dialect.name != "sqlite":
@@ -65,12 +77,7 @@ def test_a_non_utf8_text_value_is_a_damaged_row_not_an_outage(sqlite_runtime: Ru
     assert svc.resolve_credential(tenant, f"encrypted://{bad_context}", context) == plaintext
 
     job_id, _ = runtime.rotation().rotate_kek(requested_by="test")
-    with runtime.engine.connect() as conn:
-        job = conn.execute(text("SELECT status, total, done, failed, census_json FROM "
-                                "rotation_jobs WHERE id = :j"), {"j": job_id}).one()
-        failures = dict(conn.execute(text(
-            "SELECT credential_id, reason FROM rotation_failures WHERE job_id = :j"),
-            {"j": job_id}).all())
+    job, failures = _job_and_failures(runtime, job_id)
     assert (job.status, job.total, job.done, job.failed) == ("completed_with_errors", 120, 118, 2)
     assert failures == {cid: "decrypt_failed" for cid in damaged}
     assert json.loads(job.census_json) == [[1, 1, 2], [2, 1, 118]]
@@ -104,16 +111,13 @@ def test_damaged_ids_are_failed_rows_and_printed_escaped(sqlite_runtime: Runtime
                     "WHERE credential_id = ?", (ids[2],))
         raw.commit()
     job_id, _ = runtime.rotation().rotate_kek(requested_by="test")
+    job, failures = _job_and_failures(runtime, job_id)
+    failed = sorted(failures)
     with runtime.engine.connect() as conn:
-        job = conn.execute(text("SELECT status, total, done, failed FROM rotation_jobs "
-                                "WHERE id = :j"), {"j": job_id}).one()
-        failed = sorted(conn.execute(text(
-            "SELECT credential_id FROM rotation_failures WHERE job_id = :j"),
-            {"j": job_id}).scalars())
         events = conn.execute(text(
             "SELECT count(*) FROM audit_events WHERE action = 'reencrypt' AND outcome = "
             "'failure' AND reason LIKE :r"), {"r": f"job={job_id} %"}).scalar_one()
-    assert tuple(job) == ("completed_with_errors", 90, 87, 3)
+    assert (job.status, job.total, job.done, job.failed) == ("completed_with_errors", 90, 87, 3)
     assert failed == sorted([r"\udc80\udcc0", ids[2], r"cred_\x1b[2J\x07"]) and events == 3
     report = runtime.job_control().verify(actor="test")
     assert sorted(cid for cid, _ in report.failures) == failed
